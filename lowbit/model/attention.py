@@ -1,0 +1,53 @@
+"""Grouped-query causal self-attention with RoPE.
+
+Projections `query`, `key`, `value`, `out` are nnx.Linear (hookable GEMMs). The score and value
+batched matmuls run inside `jax.nn.dot_product_attention` and stay in high precision (they are
+not weight GEMMs and are never quantized).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lowbit.model.config import ModelConfig
+from lowbit.model.layers import apply_rope, projection
+
+
+class Attention(nnx.Module):
+    """softmax(q k^T / sqrt(d) + causal mask) v with Hq query heads sharing Hkv key/value heads.
+
+    GQA (Ainslie et al. 2023): query head h reads key/value head h // (Hq / Hkv).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = cfg.compute_dtype
+        q_features = cfg.num_query_heads * cfg.head_dim
+        kv_features = cfg.num_kv_heads * cfg.head_dim
+        kw = dict(dtype=dtype, init_scale=cfg.init_scale, rngs=rngs)
+        self.query = projection(cfg.emb_dim, q_features, **kw)
+        self.key = projection(cfg.emb_dim, kv_features, **kw)
+        self.value = projection(cfg.emb_dim, kv_features, **kw)
+        self.out = projection(q_features, cfg.emb_dim, **kw)
+        self.num_query_heads = cfg.num_query_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.attention_impl = cfg.attention_impl
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        batch, length, _ = x.shape
+        q = checkpoint_name(self.query(x), "query_proj")
+        k = checkpoint_name(self.key(x), "key_proj")
+        v = checkpoint_name(self.value(x), "value_proj")
+        q = q.reshape(batch, length, self.num_query_heads, self.head_dim)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        # [B, T, N, H] layout with K heads dividing N heads is GQA natively; scale 1/sqrt(H).
+        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+        attended = attended.reshape(batch, length, self.num_query_heads * self.head_dim)
+        return checkpoint_name(self.out(attended.astype(x.dtype)), "out_proj")
+
