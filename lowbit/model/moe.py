@@ -182,7 +182,8 @@ class MoeBlock(nnx.Module):
         else:
             capacity = expert_capacity(batch * length, cfg)
             y_slots, kept = capacity_dispatch(self.experts, tokens, expert_index, capacity)
-            dropped_fraction = 1.0 - jnp.mean(kept.astype(jnp.float32))
+            # Count dropped slots (exact integer sum) rather than 1 - mean(kept), which rounds.
+            dropped_fraction = jnp.sum(~kept).astype(jnp.float32) / kept.size
         y = jnp.einsum("nk,nkd->nd", gates, y_slots.astype(jnp.float32)).astype(x.dtype)
         y = y.reshape(batch, length, emb)
         if self.shared_expert is not None:
