@@ -24,6 +24,7 @@ ROUNDINGS = ("nearest", "stochastic")
 SCALE_MODES = ("floor", "rceil")
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # 2^-126
+_NVFP4_MIN_TENSOR_SCALE = 2.0**-120  # keeps 1 / (tensor_scale * 2^-6) finite for all-zero tensors
 _E8M0_NAN = 255
 _E4M3_MIN_NORMAL = 2.0**-6
 _E4M3_MAX = 448.0
@@ -86,6 +87,17 @@ def _mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
     k = k.astype(jnp.int32)
     half = k // 2
     return x * _pow2(half) * _pow2(k - half)
+
+
+def _div_rn(a: jax.Array, b: jax.Array | float) -> jax.Array:
+    """a / b, correctly rounded, for small (per-block or scalar) operands.
+
+    XLA rewrites a / c into a * (1/c) for constants and broadcast divisors, and (a/b)/c into
+    a / (b*c), changing the rounding differently on CPU and GPU; the barrier keeps IEEE division.
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    a, b = lax.optimization_barrier((a, b))
+    return a / b
 
 
 def _flush_subnormals(x: jax.Array) -> jax.Array:
@@ -245,12 +257,14 @@ def quantize(
         scale = _e8m0_from_exponent(s, poisoned)
     else:  # nvfp4: two-level scaling
         tensor_amax = jnp.max(abs_finite)
-        tensor_scale = jnp.maximum(tensor_amax / np.float32(_E4M3_MAX * _E2M1_MAX), _F32_MIN_NORMAL)
-        block_scale = (block_amax / np.float32(_E2M1_MAX)) / tensor_scale
+        tensor_scale = jnp.maximum(
+            _div_rn(tensor_amax, _E4M3_MAX * _E2M1_MAX), _NVFP4_MIN_TENSOR_SCALE
+        )
+        block_scale = _div_rn(_div_rn(block_amax, _E2M1_MAX), tensor_scale)
         block_scale = jnp.clip(block_scale, _E4M3_MIN_NORMAL, _E4M3_MAX)
         block_scale = round_to_grid(block_scale, get_format("fp8"))  # RNE onto E4M3
-        total_scale = tensor_scale * block_scale
-        y = jnp.where(total_scale > 0, xb / total_scale, 0.0)
+        # torchao: x * ((1 / tensor_scale) / block_scale), one reciprocal per block.
+        y = xb * _div_rn(_div_rn(1.0, tensor_scale), block_scale)
         scale = jnp.where(poisoned, jnp.nan, block_scale).astype(fmt.scale_dtype)
 
     data = _round_elements(jnp.where(poisoned, 0.0, y), fmt, rounding, key, prescale)
@@ -271,10 +285,10 @@ def _quantize_per_tensor(xf, fmt, rounding, key, prescale) -> QArray:
     amax = jnp.max(jnp.where(finite, jnp.abs(xf), 0.0))
     poisoned = ~jnp.all(finite)
     tensor_scale = jnp.where(
-        amax == 0, 1.0, jnp.maximum(amax / np.float32(fmt.elem_max), _F32_MIN_NORMAL)
+        amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL)
     )
     tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale).astype(jnp.float32)
-    y = jnp.where(poisoned, 0.0, xf / tensor_scale)
+    y = jnp.where(poisoned, 0.0, xf * _div_rn(1.0, tensor_scale))
     data = _round_elements(y, fmt, rounding, key, prescale).astype(fmt.storage_dtype)
     return QArray(data, None, tensor_scale, fmt, tuple(range(xf.ndim)), float(prescale))
 
