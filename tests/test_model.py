@@ -536,3 +536,18 @@ def test_hooks_receive_compute_dtype_operands_and_float32_router():
     assert seen["query"] == (jnp.bfloat16, jnp.bfloat16)
     assert seen["experts"] == (jnp.bfloat16, jnp.bfloat16)
     assert seen["router"] == (jnp.float32, jnp.float32)
+
+
+def test_tied_lm_head_is_scaled_embedding_transpose():
+    cfg = f32_tiny(logits_via_embedding=True, num_experts=0, num_decoder_layers=1)
+    model = Decoder(cfg, rngs=nnx.Rngs(25))
+    assert model.logits_dense is None
+    tokens = random_tokens(26, 1, 6)
+    logits, _ = model(tokens)
+    layer = model.layers[0]
+    x = model.token_embedder(tokens)
+    x = x + layer.attention(layer.pre_attention_norm(x), jnp.arange(6))
+    x = x + layer.mlp(layer.post_attention_norm(x))
+    final = np64(model.decoder_norm(x))
+    want = final @ np64(model.token_embedder.embedding[...]).T / np.sqrt(cfg.emb_dim)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)

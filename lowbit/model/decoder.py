@@ -116,7 +116,9 @@ class Decoder(nnx.Module):
                 layer_stats.append(stats)
         x = self.decoder_norm(x)
         if self.logits_dense is None:
-            logits = self.token_embedder.attend(x)
+            # Tied head: scale by 1/sqrt(emb_dim) (MaxText normalize_embedding_logits) since the
+            # embedding has unit-variance rows, unlike a fan_in-scaled kernel.
+            logits = self.token_embedder.attend(x) / jnp.sqrt(jnp.asarray(cfg.emb_dim, x.dtype))
         else:
             logits = self.logits_dense(x)
         return logits.astype(jnp.float32), _collect_aux(cfg, layer_stats)
