@@ -1,0 +1,433 @@
+"""Quantized GEMMs with a custom VJP: fprop, dgrad and wgrad each quantized as the recipe says.
+
+A linear layer is three GEMMs (DESIGN "Numerics"): fprop Y = X·W (contract features), dgrad
+dX = dY·Wᵀ (contract out-features), wgrad dW = Xᵀ·dY (contract tokens). Every operand is
+quantized in blocks along the contraction axis of the GEMM that consumes it, after an optional
+random Hadamard transform shared by both operands of that GEMM: (A H S)(S Hᵀ B) = A·B.
+
+Internally every GEMM runs in the canonical "TN" form lhs [B, M, K] x rhs [B, N, K] -> [B, M, N]
+(contracting dim last in both operands: what cuBLASLt FP8 and cuDNN block-scaled GEMMs want), so
+each quantization is along the last axis. Residuals saved for the backward pass are the quantized
+operands of the backward GEMMs (X along tokens, W along out-features), not bf16 copies.
+
+Partial blocks: a contraction axis that is not a multiple of the block size is quantized with
+`pad=True` (the last block as if zero-padded, exactly what padding the GEMM with zeros gives) on
+the emulate and fp8 backends; the native backend needs whole blocks and raises quantize's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit.backends import get_gemm, select_backend
+from lowbit.formats import get_format
+from lowbit.quantize import QArray, quantize
+from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
+
+Operand = QArray | jax.Array
+
+# fold_in constants: one key per call -> per pass -> per operand / Hadamard signs.
+_PASS_IDS = {"fprop": 1, "dgrad": 2, "wgrad": 3}
+_LHS, _RHS, _SIGNS = 1, 2, 3
+
+
+class _Static(NamedTuple):
+    """Hashable per-call configuration (nondiff argument of the custom VJPs)."""
+
+    recipe: Recipe
+    backend: str
+    precision: Any
+    out_dtype: Any
+    lhs_dtype: Any
+    rhs_dtype: Any
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _pass_keys(key: jax.Array | None, pass_name: str) -> tuple[Any, Any, Any]:
+    """(lhs key, rhs key, Hadamard-sign key) of one pass, all derived from the call's key."""
+    if key is None:
+        return None, None, None
+    pass_key = jax.random.fold_in(key, _PASS_IDS[pass_name])
+    return tuple(jax.random.fold_in(pass_key, slot) for slot in (_LHS, _RHS, _SIGNS))
+
+
+def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int],
+                      pad: bool) -> Operand:
+    """Quantize `a` per `cfg` with blocks along `axis` (2-D tiles: the pair of axes); None: keep `a`."""
+    if not cfg.quantized:
+        return a
+    if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        a = a.astype(jnp.float32)
+    return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
+                    key=key if cfg.rounding == "stochastic" else None,
+                    scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
+
+
+def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:
+    """Block axes of a canonical [B, rows, K] operand: K, or (rows, K) tiles."""
+    return (1, 2) if cfg.block_2d else 2
+
+
+def _swap_last(a: Operand) -> Operand:
+    """[B, P, Q] -> [B, Q, P] for arrays and QArrays (valid for per-tensor and square 2-D tiles)."""
+    if not isinstance(a, QArray):
+        return jnp.swapaxes(a, 1, 2)
+    if a.fmt.kind != "tensor" and a.axis != (1, 2):
+        raise ValueError(f"cannot transpose a QArray blocked along axis {a.axis} only")
+    scale = None if a.scale is None else jnp.swapaxes(a.scale, 1, 2)
+    return dataclasses.replace(a, data=jnp.swapaxes(a.data, 1, 2), scale=scale)
+
+
+def _rht_pair(pc: PassConfig, key: Any, a: jax.Array, b: jax.Array,
+              axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Apply the same random orthonormal H·diag(s) to both operands along their contraction axis."""
+    if pc.hadamard_block is None:
+        return a, b
+    from lowbit.hadamard import random_hadamard
+
+    def transform(x):
+        x = x if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
+        return random_hadamard(x, key, axis=axis, block=pc.hadamard_block)
+
+    return transform(a), transform(b)
+
+
+def _reusable(shared: OperandConfig, *passes: PassConfig) -> bool:
+    """A quantized tensor can serve two GEMMs if its blocks are orientation-free and no RHT intervenes."""
+    if not shared.quantized or any(p.hadamard_block for p in passes):
+        return False
+    return shared.block_2d or get_format(shared.format).kind == "tensor"
+
+
+def _gemm(static: _Static, lhs: Operand, rhs: Operand, out_dtype: Any) -> jax.Array:
+    return get_gemm(static.backend)(lhs, rhs, out_dtype=out_dtype,
+                                    compute_dtype=jnp.dtype(static.recipe.compute_dtype),
+                                    precision=static.precision)
+
+
+# ----------------------------------------------------------------------------- dense GEMM (custom VJP)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _qmatmul(x: jax.Array, w: jax.Array, key: Any, static: _Static) -> jax.Array:
+    """Quantized x [B, M, K] · w [B, K, N] -> [B, M, N] (canonical form of dot_general)."""
+    return _qmatmul_fwd(x, w, key, static)[0]
+
+
+def _qmatmul_fwd(x, w, key, static: _Static):
+    r = static.recipe
+    pad = static.backend != "native"
+    fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
+    # fprop: X [B,M,K] and Wᵀ [B,N,K], both blocked along K (features / in-features).
+    k_x, k_w, k_s = _pass_keys(key, "fprop")
+    x_f, wt_f = _rht_pair(fprop, k_s, x, jnp.swapaxes(w, 1, 2))
+    qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad)
+    qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
+    y = _gemm(static, qx, qwt, static.out_dtype)
+
+    # dgrad operand W [B,K,N] blocked along N (out-features): reuse fprop's if orientation-free.
+    if dgrad.rhs == fprop.rhs and _reusable(fprop.rhs, fprop, dgrad):
+        w_dgrad = _swap_last(qwt)
+    else:
+        _, k_wd, k_sd = _pass_keys(key, "dgrad")
+        w_d = w if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, w, w)[0]
+        w_dgrad = _quantize_operand(w_d, dgrad.rhs, k_wd, _tn_axis(dgrad.rhs), pad)
+    # wgrad operand Xᵀ [B,K,M] blocked along M (tokens).
+    if wgrad.lhs == fprop.lhs and _reusable(fprop.lhs, fprop, wgrad):
+        x_wgrad = _swap_last(qx)
+    else:
+        k_xw, _, k_sw = _pass_keys(key, "wgrad")
+        xt = jnp.swapaxes(x, 1, 2)
+        xt = xt if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, xt, xt)[0]
+        x_wgrad = _quantize_operand(xt, wgrad.lhs, k_xw, _tn_axis(wgrad.lhs), pad)
+    return y, (x_wgrad, w_dgrad, key)
+
+
+def _qmatmul_bwd(static: _Static, residuals, dy):
+    x_wgrad, w_dgrad, key = residuals
+    r = static.recipe
+    pad = static.backend != "native"
+    dgrad, wgrad = r.dgrad, r.wgrad
+    # dgrad: dX [B,M,K] = dY [B,M,N] · W [B,K,N]ᵀ, both blocked along N.
+    k_dy, _, k_sd = _pass_keys(key, "dgrad")
+    dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
+    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
+    dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
+    # wgrad: dW [B,K,N] = Xᵀ [B,K,M] · dYᵀ [B,N,M], both blocked along M (tokens).
+    if wgrad.rhs == dgrad.lhs and _reusable(dgrad.lhs, dgrad, wgrad):
+        q_dyt = _swap_last(q_dy)
+    else:
+        _, k_dyw, k_sw = _pass_keys(key, "wgrad")
+        dyt = jnp.swapaxes(dy, 1, 2)
+        dyt = dyt if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, dyt, dyt)[0]
+        q_dyt = _quantize_operand(dyt, wgrad.rhs, k_dyw, _tn_axis(wgrad.rhs), pad)
+    dw = _gemm(static, x_wgrad, q_dyt, static.rhs_dtype)
+    return dx, dw, None
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+# ----------------------------------------------------------------------------- dot_general
+def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int):
+    (lc, rc), (lb, rb) = dimension_numbers
+    norm = lambda dims, n: tuple(int(d) % n for d in dims)
+    lc, lb = norm(lc, lhs_ndim), norm(lb, lhs_ndim)
+    rc, rb = norm(rc, rhs_ndim), norm(rb, rhs_ndim)
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"dimension_numbers {dimension_numbers} pair unequal numbers of dims")
+    lf = tuple(d for d in range(lhs_ndim) if d not in lc + lb)
+    rf = tuple(d for d in range(rhs_ndim) if d not in rc + rb)
+    return lc, rc, lb, rb, lf, rf
+
+
+def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, recipe: Recipe, *,
+                          key: jax.Array | None = None, precision: Any = None,
+                          preferred_element_type: Any = None, backend: str | None = None) -> jax.Array:
+    """lax.dot_general(lhs, rhs, dimension_numbers) with fprop/dgrad/wgrad quantized per `recipe`.
+
+    Batch dims map to B, free lhs dims are flattened into M (tokens), contracting dims into K.
+    """
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    lc, rc, lb, rb, lf, rf = _canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+    for a, b in zip(lc + lb, rc + rb, strict=True):
+        if lhs.shape[a] != rhs.shape[b]:
+            raise ValueError(f"dot_general: lhs dim {a} (size {lhs.shape[a]}) and rhs dim {b} "
+                             f"(size {rhs.shape[b]}) are paired but differ")
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
+    size = lambda shape, dims: math.prod(shape[d] for d in dims)
+    nb, m = size(lhs.shape, lb), size(lhs.shape, lf)
+    k, n = size(lhs.shape, lc), size(rhs.shape, rf)
+    x = jnp.transpose(lhs, lb + lf + lc).reshape(nb, m, k)
+    w = jnp.transpose(rhs, rb + rc + rf).reshape(nb, k, n)
+    static = _Static(recipe, backend or select_backend(recipe), precision, out_dtype,
+                     lhs.dtype, rhs.dtype)
+    y = _qmatmul(x, w, key, static)
+    out_shape = [lhs.shape[d] for d in lb + lf] + [rhs.shape[d] for d in rf]
+    return y.reshape(out_shape)
+
+
+def _missing_key_error(recipe: Recipe, where: str) -> ValueError:
+    return ValueError(
+        f"recipe {recipe.name!r} uses stochastic rounding or a random Hadamard transform and needs "
+        f"fresh random bits every call: pass key=... to {where}, or use lowbit.nn.QuantDotGeneral "
+        "(keys from the NNX 'quant' RNG stream) / lowbit.linen.QuantDotGeneral"
+    )
+
+
+def dot_general(recipe: Recipe | str, backend: str | None = None) -> Callable[..., jax.Array]:
+    """A drop-in for jax.lax.dot_general whose three GEMMs are quantized as `recipe` says.
+
+    fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
+    *, key=None); a recipe without any quantized pass returns exactly lax.dot_general's result.
+    """
+    recipe = get_recipe(recipe)
+
+    def quantized(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                  out_sharding=None, *, key=None):
+        if not recipe.quantized:
+            return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+        if recipe.needs_rng and key is None:
+            raise _missing_key_error(recipe, "the dot_general function")
+        y = quantized_dot_general(lhs, rhs, dimension_numbers, recipe, key=key, precision=precision,
+                                  preferred_element_type=preferred_element_type, backend=backend)
+        if out_sharding is not None:
+            y = jax.lax.with_sharding_constraint(y, out_sharding)
+        return y
+
+    quantized.recipe = recipe
+    quantized.__name__ = quantized.__qualname__ = f"dot_general[{recipe.name}]"
+    return quantized
+
+
+# ----------------------------------------------------------------------------- einsum
+def _parse_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+    """'btd,dnh->btnh' -> (dimension_numbers, output permutation) for a two-operand einsum."""
+    spec = subscripts.replace(" ", "")
+    if "->" not in spec or "." in spec or spec.count(",") != 1:
+        raise NotImplementedError(
+            f"lowbit's quantized einsum supports explicit two-operand forms like 'btd,dh->bth' "
+            f"(no ellipsis, '->' required); got {subscripts!r}. Keep this module in high precision "
+            "with a rule, or use dot_general"
+        )
+    inputs, out = spec.split("->")
+    a, b = inputs.split(",")
+    if len(a) != lhs_ndim or len(b) != rhs_ndim:
+        raise ValueError(f"einsum {subscripts!r} does not match operand ranks {lhs_ndim} and {rhs_ndim}")
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+        raise NotImplementedError(f"repeated indices (traces/diagonals) are not supported: {subscripts!r}")
+    unknown = set(out) - set(a) - set(b)
+    if unknown or any(c not in out and c not in b for c in a) or any(c not in out and c not in a for c in b):
+        raise NotImplementedError(
+            f"einsum {subscripts!r}: every index must be contracted between the operands or kept in "
+            "the output (no summation over one operand's own axis)"
+        )
+    batch = [c for c in a if c in b and c in out]
+    contract = [c for c in a if c in b and c not in out]
+    dims = ((tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
+            (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+    produced = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+    return dims, tuple(produced.index(c) for c in out)
+
+
+def einsum(recipe: Recipe | str, backend: str | None = None) -> Callable[..., jax.Array]:
+    """A drop-in for jnp.einsum (two operands, explicit output) built on the quantized dot_general.
+
+    fn(subscripts, lhs, rhs, *, precision=None, preferred_element_type=None, key=None, ...).
+    """
+    dg = dot_general(recipe, backend)
+
+    def quantized_einsum(subscripts, lhs, rhs, *, precision=None, preferred_element_type=None,
+                         out_sharding=None, key=None, **unused):
+        lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+        dims, perm = _parse_einsum(subscripts, lhs.ndim, rhs.ndim)
+        kwargs = {} if key is None else {"key": key}
+        y = dg(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type,
+               **kwargs)
+        y = jnp.transpose(y, perm)
+        if out_sharding is not None:
+            y = jax.lax.with_sharding_constraint(y, out_sharding)
+        return y
+
+    quantized_einsum.recipe = dg.recipe
+    return quantized_einsum
+
+
+# ----------------------------------------------------------------------------- grouped GEMM (MoE)
+def _group_block(wgrad: PassConfig) -> int:
+    """Token alignment of each group for wgrad: blocks (and Hadamard blocks) never straddle groups."""
+    sizes = [1]
+    for op in (wgrad.lhs, wgrad.rhs):
+        if op.quantized:
+            sizes.append(get_format(op.format).block_size or 1)
+    if wgrad.hadamard_block:
+        sizes.append(wgrad.hadamard_block)
+    return math.lcm(*sizes)
+
+
+def _padded_rows(group_sizes: jax.Array, num_rows: int, block: int) -> tuple[jax.Array, jax.Array, int]:
+    """Destination row of each of num_rows sorted tokens when every group starts on a block boundary.
+
+    Returns (dest int32[num_rows], rows past sum(group_sizes) sent out of range; padded group sizes;
+    the padded row count, a static bound num_rows + E·(block - 1) rounded up to a block).
+    """
+    num_groups = group_sizes.shape[0]
+    padded_total = -(-(num_rows + num_groups * (block - 1)) // block) * block
+    sizes = group_sizes.astype(jnp.int32)
+    padded_sizes = -(-sizes // block) * block
+    ends = jnp.cumsum(sizes)
+    group_of_row = jnp.searchsorted(ends, jnp.arange(num_rows, dtype=jnp.int32), side="right")
+    valid = group_of_row < num_groups
+    g = jnp.minimum(group_of_row, num_groups - 1)
+    offset_in_group = jnp.arange(num_rows, dtype=jnp.int32) - (ends - sizes)[g]
+    dest = (jnp.cumsum(padded_sizes) - padded_sizes)[g] + offset_in_group
+    return jnp.where(valid, dest, padded_total), padded_sizes, padded_total
+
+
+def _scatter_rows(a: jax.Array, dest: jax.Array, total: int) -> jax.Array:
+    return jnp.zeros((total, *a.shape[1:]), a.dtype).at[dest].set(a, mode="drop")
+
+
+def _values(op: Operand) -> jax.Array:
+    """Float32 values of an operand (dequantized QArray, or the array itself)."""
+    return op.dequantize(jnp.float32) if isinstance(op, QArray) else op.astype(jnp.float32)
+
+
+_WGRAD_RAGGED_DIMS = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+
+
+def _ragged(static: _Static, lhs: Operand, rhs: Operand, group_sizes, out_dtype) -> jax.Array:
+    y = lax.ragged_dot(_values(lhs), _values(rhs), group_sizes, precision=static.precision,
+                       preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array, key: Any, static: _Static) -> jax.Array:
+    """Quantized grouped GEMM: rows of x [T, K] in groups (group_sizes [E]) times w [E, K, N]."""
+    return _qragged_fwd(x, w, group_sizes, key, static)[0]
+
+
+def _qragged_fwd(x, w, group_sizes, key, static: _Static):
+    r = static.recipe
+    fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
+    # fprop: X [T,K] along K; W [E,K,N] along K (axis 1), or 16x16 tiles of (K, N).
+    k_x, k_w, k_s = _pass_keys(key, "fprop")
+    x_f, w_f = (x, w) if fprop.hadamard_block is None else (
+        _rht_pair(fprop, k_s, x, x)[0], _rht_pair(fprop, k_s, w, w, axis=1)[0])
+    qx = _quantize_operand(x_f, fprop.lhs, k_x, -1, True)
+    qw = _quantize_operand(w_f, fprop.rhs, k_w, (1, 2) if fprop.rhs.block_2d else 1, True)
+    y = _ragged(static, qx, qw, group_sizes, static.out_dtype)
+    # dgrad operand: W [E,K,N] blocked along N (axis 2).
+    if dgrad.rhs == fprop.rhs and _reusable(fprop.rhs, fprop, dgrad):
+        w_dgrad = qw
+    else:
+        _, k_wd, k_sd = _pass_keys(key, "dgrad")
+        w_d = w if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, w, w, axis=2)[0]
+        w_dgrad = _quantize_operand(w_d, dgrad.rhs, k_wd, (1, 2) if dgrad.rhs.block_2d else 2, True)
+    # wgrad operand: X rows scattered so that each group starts on a block boundary, blocked along tokens.
+    k_xw, _, k_sw = _pass_keys(key, "wgrad")
+    dest, padded_sizes, total = _padded_rows(group_sizes, x.shape[0], _group_block(wgrad))
+    x_pad = _scatter_rows(x, dest, total)
+    x_pad = x_pad if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, x_pad, x_pad, axis=0)[0]
+    x_wgrad = _quantize_operand(x_pad, wgrad.lhs, k_xw, (0, 1) if wgrad.lhs.block_2d else 0, True)
+    return y, (x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key)
+
+
+def _qragged_bwd(static: _Static, residuals, dy):
+    x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key = residuals
+    r = static.recipe
+    dgrad, wgrad = r.dgrad, r.wgrad
+    # dgrad: dX [T,K] = dY [T,N] · W[g]ᵀ, both blocked along N.
+    k_dy, _, k_sd = _pass_keys(key, "dgrad")
+    dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
+    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, -1, True)
+    w_t = jnp.swapaxes(_values(w_dgrad), 1, 2)  # [E, N, K]
+    dx = _ragged(static, q_dy, w_t, group_sizes, static.lhs_dtype)
+    # wgrad: dW[e] = X_eᵀ · dY_e over the block-aligned rows of group e, both blocked along tokens.
+    _, k_dyw, k_sw = _pass_keys(key, "wgrad")
+    dy_pad = _scatter_rows(dy, dest, x_wgrad.shape[0])
+    dy_pad = dy_pad if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, dy_pad, dy_pad, axis=0)[0]
+    q_dy_pad = _quantize_operand(dy_pad, wgrad.rhs, k_dyw, (0, 1) if wgrad.rhs.block_2d else 0, True)
+    dw = lax.ragged_dot_general(_values(x_wgrad), _values(q_dy_pad), padded_sizes, _WGRAD_RAGGED_DIMS,
+                                precision=static.precision, preferred_element_type=jnp.float32)
+    return dx, dw.astype(static.rhs_dtype), None, None
+
+
+_qragged.defvjp(_qragged_fwd, _qragged_bwd)
+
+
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: Recipe | str = "bf16",
+               key: jax.Array | None = None, preferred_element_type: Any = None,
+               precision: Any = None) -> jax.Array:
+    """Grouped GEMM out[t] = lhs[t] · rhs[g(t)] (rows sorted by group), quantized per `recipe`.
+
+    lhs [T, K], rhs [E, K, N], group_sizes int[E] -> [T, N]. fprop blocks along K, dgrad along N,
+    wgrad along each group's own tokens (groups padded to whole blocks, never sharing a block).
+    Execution: dequantized operands into lax.ragged_dot (emulation; a grouped kernel is future work).
+    """
+    recipe = get_recipe(recipe)
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
+        raise ValueError(f"ragged_dot expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got "
+                         f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
+    if not recipe.quantized:
+        return lax.ragged_dot(lhs, rhs, group_sizes, precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if recipe.needs_rng and key is None:
+        raise _missing_key_error(recipe, "ragged_dot")
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
+    static = _Static(recipe, "emulate", precision, out_dtype, lhs.dtype, rhs.dtype)
+    return _qragged(lhs, rhs, group_sizes, key, static)
+
+
+__all__ = ["dot_general", "einsum", "quantized_dot_general", "ragged_dot"]
+
