@@ -1,0 +1,565 @@
+"""Train the MoE decoder with a low-precision recipe: `python -m lowbit.train --recipe nvfp4`.
+
+The loop in `train()` reads top to bottom: build mesh, model, optimizer and data; restore the
+latest checkpoint of WORKDIR if there is one; then step, log, evaluate, checkpoint. The machinery
+(sharding rules, the jitted step, checkpoint I/O, metrics, signals) lives in the helpers below it.
+
+Objective: mean token cross-entropy (float32 logits) + the MoE auxiliary loss. Optimizer: AdamW
+(Loshchilov & Hutter 2019) after global-norm clipping, lr = linear warmup then cosine decay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lowbit
+from lowbit.config import Config, TrainConfig, dump_yaml, list_configs, load_config
+from lowbit.data import make_train_iter, make_val_batches
+from lowbit.model import Decoder
+
+MESH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # expert parallelism is data parallelism outside the MoE
+EXIT_USAGE, EXIT_NONFINITE, EXIT_SIGINT = 2, 3, 130
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; the run stopped."""
+
+
+# the training loop -----------------------------------------------------------------------------
+
+
+def train(config: Config, recipe: str | Any, workdir: str | Path, *,
+          nan_steps: Collection[int] = ()) -> dict[str, Any]:
+    """Train (or resume) a run in `workdir`; returns a summary (final losses, steps, tokens).
+
+    `nan_steps` poisons the loss of those steps with NaN, to exercise the non-finite guard.
+    Raises NonFiniteError after `max_consecutive_nonfinite` bad steps in a row.
+    """
+    tc = config.train
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe = with_backend(lowbit.get_recipe(recipe), tc.backend)
+    enable_compilation_cache(tc.compilation_cache_dir)
+
+    mesh = make_mesh(tc)
+    model = build_model(config, recipe)
+    graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
+    schedule = make_schedule(tc)
+    optimizer = make_optimizer(tc, schedule)
+    state = init_train_state(params, rng_state, optimizer, mesh, config)
+    train_step = make_train_step(graphdef, optimizer, tc, state, mesh, nan_steps)
+    eval_step = make_eval_step(graphdef)
+
+    processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data_iter = make_train_iter(config.data, **processes)
+    val_batches = [shard_batch(b, mesh) for b in make_val_batches(config.data, tc.eval_batches, **processes)]
+    checkpoints = make_checkpoint_manager(workdir / "checkpoints", tc)
+    state, start_step = restore_latest(checkpoints, state, data_iter)
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_through_step=start_step)
+    if jax.process_index() == 0:
+        (workdir / "config.yaml").write_text(
+            f"# lowbit run: recipe={recipe.name} config={config.name} (load with --config this file)\n"
+            + dump_yaml(config))
+        (workdir / "recipe.yaml").write_text(recipe.to_yaml())
+
+    tokens_per_step = config.data.global_batch_size * config.model.max_target_length
+    summary = {"recipe": recipe.name, "config": config.name, "workdir": str(workdir),
+               "start_step": start_step, "stopped": "completed"}
+    last_loss = last_val = None
+    step = start_step
+    timer = StepTimer()
+    with StopOnSignal() as stop, progress_bar(tc.steps, start_step) as bar:
+        for step in range(start_step + 1, tc.steps + 1):
+            batch = shard_batch(next(data_iter), mesh)
+            state, metrics = train_step(state, batch)
+
+            if step % tc.log_every == 0 or step == tc.steps or stop.requested:
+                row = host_metrics(metrics, timer.lap(step), tokens_per_step)
+                last_loss = row["loss"]
+                metrics_log.write({"step": step, **row})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if row["nonfinite_run"] >= tc.max_consecutive_nonfinite:
+                    checkpoints.wait_until_finished()
+                    raise NonFiniteError(
+                        f"{row['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
+                        f"(at step {step}); the last good checkpoint is step {checkpoints.latest_step()} "
+                        f"in {workdir / 'checkpoints'}. Lower learning_rate or try another recipe.")
+            bar.update(1)
+
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+                last_val = evaluate(eval_step, state, val_batches)
+                metrics_log.write({"step": step, "split": "val", "val_loss": last_val})
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested:
+                save_checkpoint(checkpoints, step, state, data_iter)
+            if stop.requested:
+                summary["stopped"] = stop.signal_name
+                break
+
+    if checkpoints.latest_step() != step and step > start_step:
+        save_checkpoint(checkpoints, step, state, data_iter)
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    summary.update(step=step, final_loss=last_loss, final_val_loss=last_val,
+                   nonfinite_count=int(state["nonfinite_count"]), tokens_seen=step * tokens_per_step)
+    return summary
+
+
+# model, optimizer, state -----------------------------------------------------------------------
+
+
+def build_model(config: Config, recipe: Any) -> nnx.Module:
+    """Decoder with float32 master weights, its GEMMs swapped for the recipe's quantized ones."""
+    seed = config.train.seed
+    rngs = nnx.Rngs(params=seed, quant=seed + 1)
+    model = Decoder(config.model, rngs=rngs)
+    return lowbit.quantize_model(model, recipe, rngs=rngs) or model
+
+
+def with_backend(recipe: Any, backend: str) -> Any:
+    """The recipe with its GEMM backend overridden, unless `backend` is "auto"."""
+    if backend == "auto":
+        return recipe
+    return recipe.replace(backend=backend)
+
+
+def make_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup 0 -> lr over warmup_steps, cosine decay to lr * lr_end_ratio at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.lr_end_ratio)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: rank >= 2 (kernels, experts, embedding)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tc: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(schedule) with `decay_mask`."""
+    adamw = optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps,
+                        weight_decay=tc.weight_decay, mask=decay_mask)
+    if tc.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
+    return adamw
+
+
+def init_train_state(params: Any, rng_state: Any, optimizer: optax.GradientTransformation,
+                     mesh: Mesh, config: Config) -> dict[str, Any]:
+    """{step, params, opt_state, rng, nonfinite_count, nonfinite_run}, placed on the mesh.
+
+    Only `params` reach the optimizer: the quantization RNG streams (`rng`) are never clipped,
+    decayed or updated by it.
+    """
+    param_shardings = param_sharding_tree(params, mesh, config.model.num_experts)
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, param_shardings)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params), param_shardings,
+        transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return {"step": counter(), "params": params, "opt_state": opt_state,
+            "rng": jax.device_put(rng_state, replicated),
+            "nonfinite_count": counter(), "nonfinite_run": counter()}
+
+
+# sharding ------------------------------------------------------------------------------------------
+
+
+def mesh_shape(tc: TrainConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, expert) sizes; a -1 axis takes the devices the others leave."""
+    sizes = [tc.ici_data, tc.ici_fsdp, tc.ici_expert]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into mesh axes {sizes} "
+                             "(data, fsdp, expert); pick sizes whose product divides the device count")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) > num_devices:
+        raise ValueError(f"mesh (data, fsdp, expert) = {sizes} needs {math.prod(sizes)} devices, "
+                         f"only {num_devices} exist")
+    return tuple(sizes)
+
+
+def make_mesh(tc: TrainConfig) -> Mesh:
+    """A (data, fsdp, expert) mesh over all devices (the first prod(sizes) when none is -1)."""
+    devices = jax.devices()
+    shape = mesh_shape(tc, len(devices))
+    return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, num_experts: int) -> P:
+    """Expert axis of stacked expert weights over `expert`; the largest divisible dim over `fsdp`."""
+    spec: list[Any] = [None] * len(shape)
+    expert_size, fsdp_size = mesh.shape["expert"], mesh.shape["fsdp"]
+    if "experts" in path and len(shape) == 3 and shape[0] == num_experts and num_experts % expert_size == 0:
+        spec[0] = "expert"
+    if fsdp_size > 1:
+        free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp_size == 0]
+        if free:
+            spec[max(free, key=lambda d: shape[d])] = "fsdp"
+    return P(*spec)
+
+
+def param_sharding_tree(params: Any, mesh: Mesh, num_experts: int) -> Any:
+    """NamedSharding per parameter following `param_spec`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: NamedSharding(mesh, param_spec(jax.tree_util.keystr(path), p.shape, mesh,
+                                                       num_experts)), params)
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global arrays sharded over (data, fsdp, expert)."""
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(rows))
+            for name, rows in local_batch.items()}
+
+
+# the jitted step -------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """mean_t -log softmax(logits_t)[target_t], in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def expert_balance(expert_load: jax.Array) -> dict[str, jax.Array]:
+    """Load statistics over experts, averaged over MoE layers: max/mean (1 = balanced) and CV."""
+    if expert_load.size == 0:
+        return {"expert_load_max_over_mean": jnp.float32(1.0), "expert_load_cv": jnp.float32(0.0)}
+    mean = jnp.mean(expert_load, axis=-1)
+    return {"expert_load_max_over_mean": jnp.mean(jnp.max(expert_load, axis=-1) / mean),
+            "expert_load_cv": jnp.mean(jnp.std(expert_load, axis=-1) / mean)}
+
+
+def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+    """[B, T] -> [count, B/count, T], microbatch m = rows m, m+count, ... (no cross-device moves)."""
+    def split(x):
+        if x.shape[0] % count:
+            raise ValueError(f"global_batch_size {x.shape[0]} is not divisible by grad_accum_steps {count}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
+                    state: dict[str, Any], mesh: Mesh, nan_steps: Collection[int] = ()) -> Callable:
+    """jit(state, batch) -> (state, metrics): averaged microbatch gradients, a guarded AdamW update.
+
+    A non-finite loss or gradient norm keeps params and optimizer state (the RNG streams still
+    advance) and bumps `nonfinite_count` / `nonfinite_run`; a finite step resets the run.
+    """
+    poisoned = jnp.asarray(sorted(nan_steps), jnp.int32) if nan_steps else None
+
+    def loss_fn(params, rng_state, batch):
+        model = nnx.merge(graphdef, params, rng_state)
+        logits, aux = model(batch["inputs"])
+        ce = cross_entropy(logits, batch["targets"])
+        _, _, rng_state = nnx.split(model, nnx.Param, ...)
+        return ce + aux["aux_loss"], (ce, aux, rng_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        def accumulate(carry, microbatch):
+            grads_sum, rng_state = carry
+            (loss, (ce, aux, rng_state)), grads = grad_fn(state["params"], rng_state, microbatch)
+            return (jax.tree.map(jnp.add, grads_sum, grads), rng_state), {
+                "loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"],
+                "dropped_fraction": aux["dropped_fraction"], **expert_balance(aux["expert_load"])}
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, rng_state), stats = jax.lax.scan(
+            accumulate, (zeros, state["rng"]), microbatches(batch, tc.grad_accum_steps))
+        grads = jax.tree.map(lambda g: g / tc.grad_accum_steps, grads)
+        metrics = jax.tree.map(jnp.mean, stats)
+        step_number = state["step"] + 1
+        if poisoned is not None:
+            metrics["loss"] = jnp.where(jnp.isin(step_number, poisoned), jnp.nan, metrics["loss"])
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        bad = (~finite).astype(jnp.int32)
+        new_state = {
+            "step": step_number,
+            "params": keep_if_bad(params, state["params"]),
+            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "rng": rng_state,
+            "nonfinite_count": state["nonfinite_count"] + bad,
+            "nonfinite_run": (state["nonfinite_run"] + bad) * bad,
+        }
+        applied_updates = state["step"] - state["nonfinite_count"]  # optax's schedule count
+        metrics.update(grad_norm=grad_norm, lr=optimizer_lr(tc, applied_updates),
+                       nonfinite_count=new_state["nonfinite_count"], nonfinite_run=new_state["nonfinite_run"])
+        return new_state, metrics
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def optimizer_lr(tc: TrainConfig, applied_updates: jax.Array) -> jax.Array:
+    """The learning rate of the next applied update (skipped steps do not advance the schedule)."""
+    return make_schedule(tc)(applied_updates)
+
+
+def make_eval_step(graphdef: Any) -> Callable:
+    """jit(state, batch) -> mean cross-entropy; the RNG state it advances is discarded."""
+    def eval_loss(state, batch):
+        model = nnx.merge(graphdef, state["params"], state["rng"])
+        logits, _ = model(batch["inputs"])
+        return cross_entropy(logits, batch["targets"])
+    return jax.jit(eval_loss)
+
+
+def evaluate(eval_step: Callable, state: dict[str, Any], batches: Sequence[dict[str, jax.Array]]) -> float:
+    """Mean validation cross-entropy over the fixed validation batches."""
+    return float(np.mean([float(eval_step(state, b)) for b in batches]))
+
+
+# checkpoints -----------------------------------------------------------------------------------------
+
+
+def make_checkpoint_manager(directory: Path, tc: TrainConfig) -> ocp.CheckpointManager:
+    """Async orbax manager keeping the newest `keep_checkpoints` steps."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def storable(state: dict[str, Any]) -> dict[str, Any]:
+    """Typed PRNG keys -> their uint32 key data (what orbax can write)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def save_checkpoint(checkpoints: ocp.CheckpointManager, step: int, state: dict[str, Any],
+                    data_iter: grain.DatasetIterator) -> None:
+    """Train state (params, optimizer, RNG streams, counters) + the data iterator's position."""
+    checkpoints.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(storable(state)),
+        data=grain.checkpoint.CheckpointSave(data_iter)))
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, state: dict[str, Any],
+                   data_iter: grain.DatasetIterator) -> tuple[dict[str, Any], int]:
+    """(state, step) from the newest checkpoint, restored onto `state`'s shardings; else (state, 0)."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return state, 0
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), storable(state))
+    restored = checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    state = jax.tree.map(
+        lambda live, saved: jax.random.wrap_key_data(saved, impl=jax.random.key_impl(live))
+        if _is_key(live) else saved, state, restored)
+    return state, step
+
+
+# metrics, progress, signals -------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Wall time and step count since the previous lap."""
+
+    def __init__(self) -> None:
+        self.last_time, self.last_step = time.perf_counter(), None
+
+    def lap(self, step: int) -> tuple[float, int]:
+        now = time.perf_counter()
+        steps = 1 if self.last_step is None else step - self.last_step
+        elapsed, self.last_time, self.last_step = now - self.last_time, now, step
+        return elapsed, max(steps, 1)
+
+
+def host_metrics(metrics: dict[str, jax.Array], lap: tuple[float, int], tokens_per_step: int) -> dict:
+    """Device metrics -> plain floats/ints plus step time and throughput (forces a device sync)."""
+    values = jax.device_get(metrics)
+    row = {name: int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v)
+           for name, v in values.items()}
+    elapsed, steps = lap
+    row["step_time_s"] = elapsed / steps
+    row["tokens_per_s"] = tokens_per_step * steps / elapsed if elapsed > 0 else 0.0
+    return row
+
+
+class MetricsLog:
+    """Appends JSON rows to metrics.jsonl; on resume drops rows past the restored step."""
+
+    def __init__(self, path: Path, keep_through_step: int) -> None:
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if self.enabled and path.exists():
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through_step]
+            path.write_text("".join(row + "\n" for row in rows))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int) -> Iterator[Any]:
+    """tqdm on stderr when it is a terminal (quiet in logs and tests), process 0 only."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+               disable=None if jax.process_index() == 0 else True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT set `requested`: the loop finishes its step, saves and stops.
+
+    A second SIGINT while stopping raises KeyboardInterrupt at once (no save).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def __enter__(self) -> StopOnSignal:
+        if _in_main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# process set-up ------------------------------------------------------------------------------------
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA compilation cache (FP8 GEMM autotuning takes minutes); "" leaves it off."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() when the environment describes several processes.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port) + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
+    Auto-detected by JAX: SLURM (SLURM_NTASKS > 1) and Open MPI (OMPI_COMM_WORLD_SIZE > 1).
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+
+
+# command line ----------------------------------------------------------------------------------------
+
+
+def _choices_text() -> str:
+    from lowbit.recipes import get_recipe, list_recipes
+    recipes = "\n".join(f"  {name:<14} {get_recipe(name).headline}" for name in list_recipes())
+    configs = "\n".join(f"  {name:<14} {line}" for name, line in list_configs().items())
+    return f"recipes:\n{recipes}\n\nconfigs (--config; default: tiny, which runs on a CPU):\n{configs}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lowbit.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the lowbit MoE decoder with a low-precision recipe; resumes from WORKDIR.",
+        epilog=_choices_text() + "\n\nAny config key can be overridden as key=value, e.g. "
+        "learning_rate=1e-3 num_experts=8.\nExit codes: 0 done or stopped by SIGTERM after saving; "
+        "2 bad arguments;\n3 too many non-finite steps; 130 stopped by Ctrl-C after saving.")
+    parser.add_argument("--recipe", required=True, help="quantization recipe name or recipe YAML path")
+    parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
+    parser.add_argument("--steps", type=int, help="total steps (overrides the config's `steps`)")
+    parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config>-<recipe>)")
+    parser.add_argument("--data", default=None,
+                        help="training data: a glob of text files or of .npy token arrays (quote it; "
+                             "default: the Python standard library's source files)")
+    parser.add_argument("--backend", default=None, choices=("auto", "emulate", "fp8", "native"),
+                        help="how quantized GEMMs execute (default: auto from the device)")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache directory")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Any, Path]:
+    """Config (with flag and key=value overrides), recipe and workdir from parsed arguments."""
+    from lowbit.recipes import get_recipe
+    overrides = list(args.overrides)
+    flags = {"steps": args.steps, "data": args.data, "backend": args.backend,
+             "compilation_cache_dir": args.compilation_cache}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(args.config, overrides)
+    recipe = get_recipe(args.recipe)
+    workdir = Path(args.workdir or Path("runs") / f"{config.name}-{recipe.name}")
+    return config, recipe, workdir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config, recipe, workdir = resolve_run(args)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        parser.print_usage(sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    maybe_initialize_distributed()
+    try:
+        summary = train(config, recipe, workdir)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
+    print(json.dumps(summary))
+    return EXIT_SIGINT if summary["stopped"] == "SIGINT" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
