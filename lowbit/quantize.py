@@ -89,15 +89,37 @@ def _mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
     return x * _pow2(half) * _pow2(k - half)
 
 
-def _div_rn(a: jax.Array, b: jax.Array | float) -> jax.Array:
-    """a / b, correctly rounded, for small (per-block or scalar) operands.
+def _div_rn(a: jax.Array | float, b: jax.Array | float) -> jax.Array:
+    """a / b correctly rounded (RNE) for a >= 0 and normal b > 0, by integer long division.
 
-    XLA rewrites a / c into a * (1/c) for constants and broadcast divisors, and (a/b)/c into
-    a / (b*c), changing the rounding differently on CPU and GPU; the barrier keeps IEEE division.
+    XLA's float division is neither stable nor IEEE across backends (it rewrites a / c into
+    a * (1/c), and the GPU's f32 divide is not correctly rounded), so the few per-block and
+    per-tensor divisions of the NVFP4/FP8 definitions are done on the mantissas in int32.
+    Subnormal quotients flush to zero (callers clamp them away).
     """
     a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-    a, b = lax.optimization_barrier((a, b))
-    return a / b
+    a_bits = lax.bitcast_convert_type(a, jnp.int32)
+    b_bits = lax.bitcast_convert_type(b, jnp.int32)
+    a_man = (a_bits & 0x7FFFFF) | 0x800000
+    b_man = (b_bits & 0x7FFFFF) | 0x800000
+    exp = ((a_bits >> 23) & 0xFF) - ((b_bits >> 23) & 0xFF) + 127
+    small = a_man < b_man  # normalise so the quotient lies in [1, 2)
+    rem = jnp.where(small, a_man << 1, a_man)
+    exp = exp - small.astype(jnp.int32)
+    quot = jnp.zeros_like(rem)
+    for _ in range(24):  # 24 quotient bits: the leading one and 23 mantissa bits
+        bit = (rem >= b_man).astype(jnp.int32)
+        quot = (quot << 1) | bit
+        rem = (rem - bit * b_man) << 1
+    guard = rem >= b_man
+    sticky = (rem - guard.astype(jnp.int32) * b_man) != 0
+    quot = quot + (guard & (sticky | ((quot & 1) == 1))).astype(jnp.int32)
+    carry = quot >> 24
+    quot, exp = jnp.where(carry == 1, quot >> 1, quot), exp + carry
+    bits = (exp << 23) | (quot & 0x7FFFFF)
+    out = lax.bitcast_convert_type(bits, jnp.float32)
+    out = jnp.where(exp >= 255, jnp.inf, jnp.where(exp <= 0, 0.0, out))
+    return jnp.where(a == 0, 0.0, out)
 
 
 def _flush_subnormals(x: jax.Array) -> jax.Array:
