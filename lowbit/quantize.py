@@ -274,7 +274,10 @@ def quantize(
 
     tensor_scale = None
     if fmt.kind == "mx":
-        s = _mx_scale_exponent(block_amax, fmt, scale_mode)
+        # Per-block values are materialised (barrier) so XLA does not recompute them per element.
+        s, poisoned = lax.optimization_barrier(
+            (_mx_scale_exponent(block_amax, fmt, scale_mode), poisoned)
+        )
         y = _mul_pow2(xb, -s)
         scale = _e8m0_from_exponent(s, poisoned)
     else:  # nvfp4: two-level scaling
@@ -286,7 +289,9 @@ def quantize(
         block_scale = jnp.clip(block_scale, _E4M3_MIN_NORMAL, _E4M3_MAX)
         block_scale = round_to_grid(block_scale, get_format("fp8"))  # RNE onto E4M3
         # torchao: x * ((1 / tensor_scale) / block_scale), one reciprocal per block.
-        y = xb * _div_rn(_div_rn(1.0, tensor_scale), block_scale)
+        recip = _div_rn(_div_rn(1.0, tensor_scale), block_scale)
+        recip, block_scale, poisoned = lax.optimization_barrier((recip, block_scale, poisoned))
+        y = xb * recip
         scale = jnp.where(poisoned, jnp.nan, block_scale).astype(fmt.scale_dtype)
 
     data = _round_elements(jnp.where(poisoned, 0.0, y), fmt, rounding, key, prescale)
