@@ -65,11 +65,11 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     mesh = make_mesh(tc)
     model = build_model(config, recipe)
     graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
-    schedule = make_schedule(tc)
-    optimizer = make_optimizer(tc, schedule)
+    optimizer = make_optimizer(tc)
     state = init_train_state(params, rng_state, optimizer, mesh, config)
-    train_step = make_train_step(graphdef, optimizer, tc, state, mesh, nan_steps)
+    train_step = make_train_step(graphdef, tc, state, mesh)
     eval_step = make_eval_step(graphdef)
+    schedule = schedule_values(tc)
 
     processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     data_iter = make_train_iter(config.data, **processes)
@@ -92,7 +92,8 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     with StopOnSignal() as stop, progress_bar(tc.steps, start_step) as bar:
         for step in range(start_step + 1, tc.steps + 1):
             batch = shard_batch(next(data_iter), mesh)
-            state, metrics = train_step(state, batch)
+            loss_offset = jnp.float32(jnp.nan if step in nan_steps else 0.0)
+            state, metrics = train_step(state, batch, schedule, loss_offset)
 
             if step % tc.log_every == 0 or step == tc.steps or stop.requested:
                 row = host_metrics(metrics, timer.lap(step), tokens_per_step)
@@ -143,11 +144,23 @@ def with_backend(recipe: Any, backend: str) -> Any:
     return recipe.replace(backend=backend)
 
 
-def make_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warmup 0 -> lr over warmup_steps, cosine decay to lr * lr_end_ratio at `steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.learning_rate * tc.lr_end_ratio)
+def schedule_values(tc: TrainConfig) -> dict[str, jax.Array]:
+    """The schedule's constants as arrays: a step function compiled once serves any length or lr."""
+    return {"peak": jnp.float32(tc.learning_rate), "end": jnp.float32(tc.learning_rate * tc.lr_end_ratio),
+            "warmup": jnp.float32(tc.warmup_steps), "total": jnp.float32(max(tc.steps, tc.warmup_steps + 1))}
+
+
+def learning_rate(count: jax.Array, schedule: dict[str, jax.Array]) -> jax.Array:
+    """Linear warmup 0 -> peak over `warmup` updates, then cosine decay to `end` at `total`.
+
+    lr(n) = peak n / warmup for n < warmup, else end + (peak - end)(1 + cos(pi p)) / 2 with
+    p = min((n - warmup) / (total - warmup), 1); as optax.warmup_cosine_decay_schedule(0, ...).
+    """
+    count = jnp.asarray(count, jnp.float32)
+    warm = schedule["peak"] * count / jnp.maximum(schedule["warmup"], 1.0)
+    progress = jnp.clip((count - schedule["warmup"]) / (schedule["total"] - schedule["warmup"]), 0.0, 1.0)
+    cosine = schedule["end"] + (schedule["peak"] - schedule["end"]) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < schedule["warmup"], warm, cosine)
 
 
 def decay_mask(params: Any) -> Any:
@@ -155,9 +168,12 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(tc: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule) with `decay_mask`."""
-    adamw = optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps,
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW at unit learning rate (the step multiplies by `learning_rate`).
+
+    adamw(1.0) * lr == adamw(lr): the learning rate is the last factor of optax's AdamW chain.
+    """
+    adamw = optax.adamw(1.0, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps,
                         weight_decay=tc.weight_decay, mask=decay_mask)
     if tc.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
@@ -262,17 +278,44 @@ def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
-                    state: dict[str, Any], mesh: Mesh, nan_steps: Collection[int] = ()) -> Callable:
-    """jit(state, batch) -> (state, metrics): averaged microbatch gradients, a guarded AdamW update.
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt(sum of squares of every leaf), in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
-    A non-finite loss or gradient norm keeps params and optimizer state (the RNG streams still
-    advance) and bumps `nonfinite_count` / `nonfinite_run`; a finite step resets the run.
+
+# Compiled steps by (graph, static settings, shardings): runs in one process with the same model
+# and mesh (tests, lowbit.study) compile once; lengths and learning rates are runtime values.
+_COMPILED: dict[Any, Callable] = {}
+
+
+def _tree_key(tree: Any) -> tuple:
+    return jax.tree.structure(tree), tuple(jax.tree.leaves(tree))
+
+
+def make_train_step(graphdef: Any, tc: TrainConfig, state: dict[str, Any], mesh: Mesh) -> Callable:
+    """jit(state, batch, schedule, loss_offset) -> (state, metrics): one guarded AdamW update.
+
+    The gradient is the mean over `grad_accum_steps` microbatches (a lax.scan). A non-finite loss
+    or gradient norm keeps params and optimizer state (the RNG streams still advance) and bumps
+    `nonfinite_count` / `nonfinite_run`; a finite step resets the run. `loss_offset` is added
+    to the reported loss (0; NaN in tests of the guard).
     """
-    poisoned = jnp.asarray(sorted(nan_steps), jnp.int32) if nan_steps else None
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    static = (tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.weight_decay, tc.grad_clip_norm, tc.grad_accum_steps)
+    key = ("train", graphdef, static, _tree_key(state_shardings), mesh)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(
+            _train_step_fn(graphdef, make_optimizer(tc), tc.grad_accum_steps),
+            in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES)), None, None),
+            out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    return _COMPILED[key]
 
+
+def _train_step_fn(graphdef: Any, optimizer: optax.GradientTransformation, accum_steps: int) -> Callable:
     def loss_fn(params, rng_state, batch):
-        model = nnx.merge(graphdef, params, rng_state)
+        # Fresh Variables at this trace level: NNX only lets a trace mutate (the RNG counts of)
+        # Variables created under it, and rng_state arrives from the enclosing scan.
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rng_state))
         logits, aux = model(batch["inputs"])
         ce = cross_entropy(logits, batch["targets"])
         _, _, rng_state = nnx.split(model, nnx.Param, ...)
@@ -280,7 +323,7 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: 
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, batch):
+    def step(state, batch, schedule, loss_offset):
         def accumulate(carry, microbatch):
             grads_sum, rng_state = carry
             (loss, (ce, aux, rng_state)), grads = grad_fn(state["params"], rng_state, microbatch)
@@ -290,40 +333,30 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: 
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         (grads, rng_state), stats = jax.lax.scan(
-            accumulate, (zeros, state["rng"]), microbatches(batch, tc.grad_accum_steps))
-        grads = jax.tree.map(lambda g: g / tc.grad_accum_steps, grads)
+            accumulate, (zeros, state["rng"]), microbatches(batch, accum_steps))
+        grads = jax.tree.map(lambda g: g / accum_steps, grads)
         metrics = jax.tree.map(jnp.mean, stats)
-        step_number = state["step"] + 1
-        if poisoned is not None:
-            metrics["loss"] = jnp.where(jnp.isin(step_number, poisoned), jnp.nan, metrics["loss"])
-        grad_norm = optax.global_norm(grads)
+        metrics["loss"] = metrics["loss"] + loss_offset
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        lr = learning_rate(state["step"] - state["nonfinite_count"], schedule)  # skipped steps don't count
+        direction, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], jax.tree.map(lambda u: lr * u, direction))
         keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         bad = (~finite).astype(jnp.int32)
         new_state = {
-            "step": step_number,
+            "step": state["step"] + 1,
             "params": keep_if_bad(params, state["params"]),
             "opt_state": keep_if_bad(opt_state, state["opt_state"]),
             "rng": rng_state,
             "nonfinite_count": state["nonfinite_count"] + bad,
             "nonfinite_run": (state["nonfinite_run"] + bad) * bad,
         }
-        applied_updates = state["step"] - state["nonfinite_count"]  # optax's schedule count
-        metrics.update(grad_norm=grad_norm, lr=optimizer_lr(tc, applied_updates),
-                       nonfinite_count=new_state["nonfinite_count"], nonfinite_run=new_state["nonfinite_run"])
+        metrics.update(grad_norm=grad_norm, lr=lr, nonfinite_count=new_state["nonfinite_count"],
+                       nonfinite_run=new_state["nonfinite_run"])
         return new_state, metrics
 
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
-
-
-def optimizer_lr(tc: TrainConfig, applied_updates: jax.Array) -> jax.Array:
-    """The learning rate of the next applied update (skipped steps do not advance the schedule)."""
-    return make_schedule(tc)(applied_updates)
+    return step
 
 
 def make_eval_step(graphdef: Any) -> Callable:
@@ -332,7 +365,7 @@ def make_eval_step(graphdef: Any) -> Callable:
         model = nnx.merge(graphdef, state["params"], state["rng"])
         logits, _ = model(batch["inputs"])
         return cross_entropy(logits, batch["targets"])
-    return jax.jit(eval_loss)
+    return _COMPILED.setdefault(("eval", graphdef), jax.jit(eval_loss))
 
 
 def evaluate(eval_step: Callable, state: dict[str, Any], batches: Sequence[dict[str, jax.Array]]) -> float:
