@@ -274,10 +274,7 @@ def quantize(
 
     tensor_scale = None
     if fmt.kind == "mx":
-        # Per-block values are materialised (barrier) so XLA does not recompute them per element.
-        s, poisoned = lax.optimization_barrier(
-            (_mx_scale_exponent(block_amax, fmt, scale_mode), poisoned)
-        )
+        s = _mx_scale_exponent(block_amax, fmt, scale_mode)
         y = _mul_pow2(xb, -s)
         scale = _e8m0_from_exponent(s, poisoned)
     else:  # nvfp4: two-level scaling
@@ -290,6 +287,7 @@ def quantize(
         block_scale = round_to_grid(block_scale, get_format("fp8"))  # RNE onto E4M3
         # torchao: x * ((1 / tensor_scale) / block_scale), one reciprocal per block.
         recip = _div_rn(_div_rn(1.0, tensor_scale), block_scale)
+        # Materialise the per-block reciprocal so XLA does not redo the long division per element.
         recip, block_scale, poisoned = lax.optimization_barrier((recip, block_scale, poisoned))
         y = xb * recip
         scale = jnp.where(poisoned, jnp.nan, block_scale).astype(fmt.scale_dtype)
