@@ -15,6 +15,9 @@ import numpy as np
 
 F32_MIN_NORMAL = 2.0**-126
 NVFP4_TENSOR_DIVISOR = 448.0 * 6.0  # E4M3 max * E2M1 max (NVIDIA NVFP4 two-level scaling)
+# Smallest NVFP4 tensor scale: 2^-126 / 2^-6, so the element divisor ts * s (s >= 2^-6) is a normal
+# float32; a subnormal divisor is flushed to 0 by XLA (x / 0 = inf). Documented choice.
+NVFP4_TENSOR_SCALE_FLOOR = 2.0**-120
 E8M0_NAN_BYTE = 255
 
 ELEM_DTYPES = {
@@ -264,15 +267,15 @@ def ref_quantize_mx(x, elem, block: int = 32, axis=-1, scale_mode: str = "floor"
 
 
 def ref_nvfp4_tensor_scale(x32: np.ndarray) -> np.float32:
-    """max(f32(amax over finite elements / 2688), 2^-126) (NVFP4 per-tensor encode scale)."""
+    """max(f32(amax over finite elements / 2688), 2^-120) (NVFP4 per-tensor encode scale)."""
     finite_abs = np.abs(x32[np.isfinite(x32)])
     tensor_amax = np.float32(finite_abs.max()) if finite_abs.size else np.float32(0)
     return np.maximum(np.float32(tensor_amax / np.float32(NVFP4_TENSOR_DIVISOR)),
-                      np.float32(F32_MIN_NORMAL))
+                      np.float32(NVFP4_TENSOR_SCALE_FLOOR))
 
 
 def ref_quantize_nvfp4(x, axis=-1, prescale: float = 1.0, pad: bool = False, u=None) -> RefQ:
-    """NVFP4: ts = max(amax/2688, 2^-126); block s = e4m3(clamp(f32(f32(bamax/6)/ts), 2^-6, 448));
+    """NVFP4: ts = max(amax/2688, 2^-120); block s = e4m3(clamp(f32(f32(bamax/6)/ts), 2^-6, 448));
     elements = RNE/SR(clip(f32(x / f32(ts * s)) * prescale, +-6)) in E2M1 (torchao nvfp4_quantize).
     """
     elem, block = ml_dtypes.float4_e2m1fn, 16
