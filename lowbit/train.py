@@ -50,9 +50,10 @@ class NonFiniteError(RuntimeError):
 
 
 def train(config: Config, recipe: str | Any, workdir: str | Path, *,
-          nan_steps: Collection[int] = ()) -> dict[str, Any]:
+          nan_steps: Collection[int] = (), deadline: float | None = None) -> dict[str, Any]:
     """Train (or resume) a run in `workdir`; returns a summary (final losses, steps, tokens).
 
+    `deadline` (a time.monotonic() value) stops the run like SIGTERM: finish the step, save.
     `nan_steps` poisons the loss of those steps with NaN, to exercise the non-finite guard.
     Raises NonFiniteError after `max_consecutive_nonfinite` bad steps in a row.
     """
@@ -89,19 +90,20 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     last_loss = last_val = None
     step = start_step
     timer = StepTimer()
-    with StopOnSignal() as stop, progress_bar(tc.steps, start_step) as bar:
+    with StopOnSignal(deadline) as stop, progress_bar(tc.steps, start_step) as bar:
         for step in range(start_step + 1, tc.steps + 1):
             batch = shard_batch(next(data_iter), mesh)
             loss_offset = jnp.float32(jnp.nan if step in nan_steps else 0.0)
             state, metrics = train_step(state, batch, schedule, loss_offset)
+            stopping = stop.requested
 
-            if step % tc.log_every == 0 or step == tc.steps or stop.requested:
+            if step % tc.log_every == 0 or step == tc.steps or stopping:
                 row = host_metrics(metrics, timer.lap(step), tokens_per_step)
                 last_loss = row["loss"]
                 metrics_log.write({"step": step, **row})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 if row["nonfinite_run"] >= tc.max_consecutive_nonfinite:
-                    checkpoints.wait_until_finished()
+                    checkpoints.close()  # waits for pending saves; nothing new is saved
                     raise NonFiniteError(
                         f"{row['nonfinite_run']} consecutive steps with a non-finite loss or gradient "
                         f"(at step {step}); the last good checkpoint is step {checkpoints.latest_step()} "
@@ -111,15 +113,14 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 last_val = evaluate(eval_step, state, val_batches)
                 metrics_log.write({"step": step, "split": "val", "val_loss": last_val})
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested:
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stopping:
                 save_checkpoint(checkpoints, step, state, data_iter)
-            if stop.requested:
+            if stopping:
                 summary["stopped"] = stop.signal_name
                 break
 
     if checkpoints.latest_step() != step and step > start_step:
         save_checkpoint(checkpoints, step, state, data_iter)
-    checkpoints.wait_until_finished()
     checkpoints.close()
     summary.update(step=step, final_loss=last_loss, final_val_loss=last_val,
                    nonfinite_count=int(state["nonfinite_count"]), tokens_seen=step * tokens_per_step)
@@ -474,20 +475,25 @@ def progress_bar(total: int, initial: int) -> Iterator[Any]:
 
 
 class StopOnSignal:
-    """SIGTERM/SIGINT set `requested`: the loop finishes its step, saves and stops.
-
-    A second SIGINT while stopping raises KeyboardInterrupt at once (no save).
+    """SIGTERM/SIGINT (or passing `deadline`) make `requested` true: the loop finishes its step,
+    saves and stops. A second SIGINT while stopping raises KeyboardInterrupt at once (no save).
     """
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        if not self.signal_name and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.signal_name = "deadline"
+        return bool(self.signal_name)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested, self.signal_name = True, signal.Signals(signum).name
+        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> StopOnSignal:
         if _in_main_thread():

@@ -1,0 +1,148 @@
+"""Recipe study: train one config under several recipes and compare the loss curves.
+
+`python -m lowbit.study --config small --steps 2000 --workdir runs/study [--recipes bf16,nvfp4]
+[--time-budget-s 540] [key=value ...]` trains every recipe with the same seed (same initial
+weights) and the same data order, each in WORKDIR/<recipe>. Calls resume: finished recipes are
+skipped, a partial one continues from its checkpoint, and `--time-budget-s` stops cleanly (the
+step finishes and is saved), so a study can be chained over several time-limited jobs. When every
+recipe is done it writes WORKDIR/summary.{json,md} and WORKDIR/curves.png.
+
+Gap to bf16: (loss_recipe - loss_bf16) / loss_bf16, on the final validation loss and on the
+final train loss (mean of the last `TAIL` logged train losses, which damps step-to-step noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowbit.config import Config, load_config
+from lowbit.plot import plot_runs, read_metrics
+
+STUDY_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4", "mxfp4-nosr", "mxfp4-norht", "nvfp4-norht",
+                 "nvfp4-all-fp4")
+TAIL = 20  # train losses averaged for the "final train loss"
+
+
+def completed_steps(run_dir: Path) -> int:
+    """The last step logged in RUN_DIR/metrics.jsonl (0 when the run has not started)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return 0
+    train_rows, _ = read_metrics(run_dir)
+    return max((r["step"] for r in train_rows), default=0)
+
+
+def run_study(config: Config, recipes: Sequence[str], workdir: Path,
+              time_budget_s: float | None = None) -> dict[str, Any] | None:
+    """Train the recipes that are not finished yet; the summary once all are, else None."""
+    from lowbit.train import train  # jax and the model load only when there is work
+
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    for recipe in recipes:
+        run_dir = workdir / recipe
+        if completed_steps(run_dir) >= config.train.steps:
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        result = train(config, recipe, run_dir, deadline=deadline)
+        print(json.dumps(result), flush=True)
+        if result["stopped"] != "completed":
+            break
+    if any(completed_steps(workdir / r) < config.train.steps for r in recipes):
+        return None
+    summary = summarize(workdir, recipes, config)
+    write_summary(summary, workdir)
+    plot_runs([workdir / r for r in recipes], workdir / "curves.png")
+    return summary
+
+
+def summarize(workdir: Path, recipes: Sequence[str], config: Config) -> dict[str, Any]:
+    """Per recipe: final train/val loss, gap to bf16, tokens seen, non-finite steps."""
+    tokens_per_step = config.data.global_batch_size * config.model.max_target_length
+    rows = {}
+    for recipe in recipes:
+        train_rows, val_rows = read_metrics(workdir / recipe)
+        losses = [r["loss"] for r in train_rows]
+        rows[recipe] = {
+            "final_train_loss": float(np.nanmean(losses[-TAIL:])),
+            "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+            "steps": train_rows[-1]["step"],
+            "tokens_seen": train_rows[-1]["step"] * tokens_per_step,
+            "nonfinite_steps": train_rows[-1].get("nonfinite_count", 0),
+        }
+    reference = rows.get("bf16")
+    for row in rows.values():
+        for key in ("final_train_loss", "final_val_loss"):
+            base = reference[key] if reference else None
+            gap = (row[key] - base) / base if base and row[key] is not None else None
+            row[key.replace("final_", "gap_to_bf16_")] = gap
+    return {"config": config.name, "steps": config.train.steps, "recipes": rows,
+            "settings": config.to_flat()}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table (losses to 4 decimals, gaps in percent)."""
+    def number(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"Config `{summary['config']}`, {summary['steps']} steps, same seed and data order.", "",
+             "| recipe | final train loss | gap to bf16 | final val loss | gap to bf16 | tokens "
+             "| non-finite |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for recipe, row in summary["recipes"].items():
+        lines.append(
+            f"| {recipe} | {number(row['final_train_loss'], '.4f')} | "
+            f"{number(row['gap_to_bf16_train_loss'], '+.2%')} | {number(row['final_val_loss'], '.4f')} | "
+            f"{number(row['gap_to_bf16_val_loss'], '+.2%')} | {row['tokens_seen']:,} "
+            f"| {row['nonfinite_steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict[str, Any], workdir: Path) -> None:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workdir / "summary.md").write_text(markdown_table(summary))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowbit.study", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="small", help="config name or YAML path (default: small)")
+    parser.add_argument("--steps", type=int, help="steps per recipe (overrides the config)")
+    parser.add_argument("--workdir", required=True, help="study directory (one subdirectory per recipe)")
+    parser.add_argument("--recipes", default=",".join(STUDY_RECIPES),
+                        help=f"comma-separated recipes (default: {','.join(STUDY_RECIPES)})")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="stop cleanly (save) after this many seconds; call again to continue")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if not any(item.startswith("compilation_cache_dir=") for item in overrides):
+        overrides.append(f"compilation_cache_dir={(workdir / 'xla_cache').absolute()}")
+    try:
+        from lowbit.recipes import get_recipe
+        config = load_config(args.config, overrides)
+        recipes = [get_recipe(name).name for name in args.recipes.split(",") if name]
+    except ValueError as error:
+        parser.print_usage(sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = run_study(config, recipes, workdir, args.time_budget_s)
+    if summary is None:
+        done = {r: completed_steps(workdir / r) for r in recipes}
+        print(f"study incomplete (steps done per recipe: {done}); run the same command again to continue")
+        return 0
+    print(markdown_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
