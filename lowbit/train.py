@@ -64,6 +64,7 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     enable_compilation_cache(tc.compilation_cache_dir)
 
     mesh = make_mesh(tc)
+    check_batch_fits(config.data.global_batch_size, tc.grad_accum_steps, mesh)
     model = build_model(config, recipe)
     graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
     optimizer = make_optimizer(tc)
@@ -71,6 +72,7 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     train_step = make_train_step(graphdef, tc, state, mesh)
     eval_step = make_eval_step(graphdef)
     schedule = schedule_values(tc)
+    zero, nan = jnp.float32(0.0), jnp.float32(jnp.nan)  # loss offsets (NaN poisons a step)
 
     processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     data_iter = make_train_iter(config.data, **processes)
@@ -93,8 +95,7 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     with StopOnSignal(deadline) as stop, progress_bar(tc.steps, start_step) as bar:
         for step in range(start_step + 1, tc.steps + 1):
             batch = shard_batch(next(data_iter), mesh)
-            loss_offset = jnp.float32(jnp.nan if step in nan_steps else 0.0)
-            state, metrics = train_step(state, batch, schedule, loss_offset)
+            state, metrics = train_step(state, batch, schedule, nan if step in nan_steps else zero)
             stopping = stop.requested
 
             if step % tc.log_every == 0 or step == tc.steps or stopping:
@@ -226,6 +227,15 @@ def make_mesh(tc: TrainConfig) -> Mesh:
     return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
+def check_batch_fits(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+    """The batch splits evenly into microbatches and over the batch axes of the mesh."""
+    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    if global_batch_size % (shards * grad_accum_steps):
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a multiple of grad_accum_steps "
+            f"({grad_accum_steps}) x the devices that split the batch (data*fsdp*expert = {shards})")
+
+
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, num_experts: int) -> P:
     """Expert axis of stacked expert weights over `expert`; the largest divisible dim over `fsdp`."""
     spec: list[Any] = [None] * len(shape)
@@ -273,8 +283,6 @@ def expert_balance(expert_load: jax.Array) -> dict[str, jax.Array]:
 def microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
     """[B, T] -> [count, B/count, T], microbatch m = rows m, m+count, ... (no cross-device moves)."""
     def split(x):
-        if x.shape[0] % count:
-            raise ValueError(f"global_batch_size {x.shape[0]} is not divisible by grad_accum_steps {count}")
         return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
 
@@ -366,7 +374,10 @@ def make_eval_step(graphdef: Any) -> Callable:
         model = nnx.merge(graphdef, state["params"], state["rng"])
         logits, _ = model(batch["inputs"])
         return cross_entropy(logits, batch["targets"])
-    return _COMPILED.setdefault(("eval", graphdef), jax.jit(eval_loss))
+    key = ("eval", graphdef)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(eval_loss)
+    return _COMPILED[key]
 
 
 def evaluate(eval_step: Callable, state: dict[str, Any], batches: Sequence[dict[str, jax.Array]]) -> float:
