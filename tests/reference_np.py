@@ -276,7 +276,8 @@ def ref_nvfp4_tensor_scale(x32: np.ndarray) -> np.float32:
 
 def ref_quantize_nvfp4(x, axis=-1, prescale: float = 1.0, pad: bool = False, u=None) -> RefQ:
     """NVFP4: ts = max(amax/2688, 2^-120); block s = e4m3(clamp(f32(f32(bamax/6)/ts), 2^-6, 448));
-    elements = RNE/SR(clip(f32(x / f32(ts * s)) * prescale, +-6)) in E2M1 (torchao nvfp4_quantize).
+    elements = RNE/SR(clip(f32(x * f32(f32(1 / ts) / s)) * prescale, +-6)) in E2M1 (torchao, as
+    DESIGN.md quotes it: one reciprocal per block, then a multiply).
     """
     elem, block = ml_dtypes.float4_e2m1fn, 16
     x32 = ref_to_f32_input(x)
@@ -293,9 +294,10 @@ def ref_quantize_nvfp4(x, axis=-1, prescale: float = 1.0, pad: bool = False, u=N
     b = ((np.where(finite, block_amax, 0) / np.float32(6.0)).astype(np.float32) / tensor_scale)
     b = np.clip(b.astype(np.float32), np.float32(2.0**-6), np.float32(448.0))
     scale = np.where(finite, ref_round_to_grid(b, ml_dtypes.float8_e4m3fn), np.nan)
-    denom = (tensor_scale * np.expand_dims(scale, red).astype(np.float32)).astype(np.float32)
+    denom = np.expand_dims(scale, red).astype(np.float32)
     with np.errstate(invalid="ignore"):
-        y = (xb / denom).astype(np.float32)
+        recip = (np.float32(np.float32(1.0) / tensor_scale) / denom).astype(np.float32)
+        y = (xb * recip).astype(np.float32)
     y = _apply_prescale(_from_blocks(y, axes, x32.ndim), prescale)
     nan_block = _from_blocks(np.broadcast_to(np.isnan(denom), xb.shape), axes, x32.ndim)
     y = np.where(nan_block, 0.0, y)
@@ -310,7 +312,8 @@ def ref_quantize_nvfp4(x, axis=-1, prescale: float = 1.0, pad: bool = False, u=N
 
 def ref_quantize_fp8(x, elem, prescale: float = 1.0, u=None) -> RefQ:
     """Per-tensor FP8: ts = f32(amax / max) (1 if amax == 0, NaN if not finite);
-    elements = RNE/SR(clip(f32(x / ts) * prescale, +-max)); a non-finite tensor stores zeros.
+    (ts floored at 2^-126 for tiny amax); elements = RNE/SR(clip(f32(x * f32(1 / ts)) * prescale, +-max));
+    a non-finite tensor stores zeros.
     """
     x32 = ref_to_f32_input(x)
     amax = np.float32(np.max(np.abs(x32))) if x32.size else np.float32(0)
@@ -319,10 +322,11 @@ def ref_quantize_fp8(x, elem, prescale: float = 1.0, u=None) -> RefQ:
     elif amax == 0:
         tensor_scale = np.float32(1.0)
     else:
-        tensor_scale = np.float32(amax / np.float32(elem_max(elem)))
+        tensor_scale = np.maximum(np.float32(amax / np.float32(elem_max(elem))),
+                                  np.float32(2.0**-126))
     if np.isnan(tensor_scale):
         return RefQ(np.zeros(x32.shape), elem, "tensor", None, None, tensor_scale, prescale)
-    y = _apply_prescale((x32 / tensor_scale).astype(np.float32), prescale)
+    y = _apply_prescale((x32 * np.float32(np.float32(1.0) / tensor_scale)).astype(np.float32), prescale)
     q = _round(np.clip(y, -elem_max(elem), elem_max(elem)), elem, u)
     return RefQ(q, elem, "tensor", None, None, tensor_scale, prescale)
 

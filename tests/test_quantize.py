@@ -483,17 +483,18 @@ def test_nvfp4_tensor_scale_floor_keeps_divisor_normal():
     assert_dequant_matches(dequantize(q), ref_dequantize(rq))
 
 
-def test_nvfp4_divides_by_the_product_of_scales():
-    """Spec and torchao nvfp4_quantize: y = f32(x / f32(ts * s)), not x * (1/ts) / s nor x / ts / s.
-    Here x / f32(ts * s) is exactly 3.5 (ties to 4); both other orders give 3.4999998 (-> 3)."""
+def test_nvfp4_multiplies_by_the_per_block_reciprocal():
+    """NVFP4 elements are y = f32(x * f32(f32(1/ts) / s)) (torchao's form quoted in DESIGN.md),
+    not x / f32(ts * s): here the product form gives exactly 3.5 (ties to 4) and ours 3.4999998 (-> 3)."""
     x = np.zeros((2, 16), np.float32)
     x[0, 0] = np.float32(54.818874)  # ts = f32(54.818874 / 2688)
     x[1, :2] = [np.float32(51.615543), np.float32(29.693556)]  # block scale 416
     ts = np.float32(x[0, 0] / np.float32(2688))
     assert np.float32(x[1, 1] / np.float32(ts * np.float32(416))) == 3.5
-    assert np.float32(np.float32(x[1, 1] / ts) / np.float32(416)) == np.float32(3.4999998)
+    recip = np.float32(np.float32(np.float32(1.0) / ts) / np.float32(416))
+    assert np.float32(x[1, 1] * recip) == np.float32(3.4999998)
     q, _ = check(x, "nvfp4")
-    assert float(np.asarray(q.data)[1, 1].astype(np.float32)) == 4.0
+    assert float(np.asarray(q.data)[1, 1].astype(np.float32)) == 3.0
 
 
 def test_nvfp4_block_scale_lower_clamp():
