@@ -10,6 +10,7 @@ rounding onto the element grid. Exact semantics and the implementation choices: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,18 +163,18 @@ def _normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _pad_to_blocks(x: jax.Array, axes: tuple[int, ...], block: int, pad: bool, fmt: Format):
-    widths = [(0, 0)] * x.ndim
+def _check_divisible(shape: Sequence[int], axes: tuple[int, ...], fmt: Format, pad: bool) -> None:
     for a in axes:
-        n = x.shape[a]
-        if n % block:
-            if not pad:
-                raise ValueError(
-                    f"axis {a} has size {n}, not a multiple of the block size {block} of "
-                    f"{fmt.name}; pass pad=True to quantize the last partial block as if "
-                    f"zero-padded, or reshape so the blocked axis divides by {block}"
-                )
-            widths[a] = (0, -n % block)
+        if shape[a] % fmt.block_size and not pad:
+            raise ValueError(
+                f"axis {a} has size {shape[a]}, not a multiple of the block size {fmt.block_size} "
+                f"of {fmt.name}; pass pad=True to quantize the last partial block as if "
+                f"zero-padded, or reshape so the blocked axis divides by {fmt.block_size}"
+            )
+
+
+def _pad_to_blocks(x: jax.Array, axes: tuple[int, ...], block: int) -> jax.Array:
+    widths = [(0, -x.shape[a] % block if a in axes else 0) for a in range(x.ndim)]
     return jnp.pad(x, widths) if any(w != (0, 0) for w in widths) else x
 
 
@@ -260,12 +261,19 @@ def quantize(
     fmt = get_format(fmt)
     x = jnp.asarray(x)
     _check_args(x, rounding, key, scale_mode)
+    axes = _normalize_axes(axis, x.ndim) if fmt.kind != "tensor" else ()
+    _check_divisible(x.shape, axes, fmt, pad)
+    # One jitted program per static configuration: eager calls would compile op by op.
+    return _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, float(prescale))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, prescale) -> QArray:
     xf = _flush_subnormals(x.astype(jnp.float32))
     if fmt.kind == "tensor":
         return _quantize_per_tensor(xf, fmt, rounding, key, prescale)
 
-    axes = _normalize_axes(axis, x.ndim)
-    xp = _pad_to_blocks(xf, axes, fmt.block_size, pad, fmt)
+    xp = _pad_to_blocks(xf, axes, fmt.block_size)
     xb, inner = _split_blocks(xp, axes, fmt.block_size)
     finite = jnp.isfinite(xb)
     abs_finite = jnp.where(finite, jnp.abs(xb), 0.0)
@@ -327,7 +335,7 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
         out = data * q.tensor_scale
     else:
         block = fmt.block_size
-        padded = _pad_to_blocks(data, q.axis, block, True, fmt)
+        padded = _pad_to_blocks(data, q.axis, block)
         db, inner = _split_blocks(padded, q.axis, block)
         scale = jnp.expand_dims(q.scale, inner)
         if fmt.kind == "mx":
