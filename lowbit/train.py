@@ -46,6 +46,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient; the run stopped."""
 
 
+class ResumeError(ValueError):
+    """WORKDIR holds a checkpoint that does not fit this run's model or recipe."""
+
+
 # the training loop -----------------------------------------------------------------------------
 
 
@@ -392,7 +396,8 @@ def make_checkpoint_manager(directory: Path, tc: TrainConfig) -> ocp.CheckpointM
     """Async orbax manager keeping the newest `keep_checkpoints` steps."""
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
 def _is_key(x: Any) -> bool:
@@ -420,6 +425,15 @@ def restore_latest(checkpoints: ocp.CheckpointManager, state: dict[str, Any],
         return state, 0
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), storable(state))
+    stored = sorted(tuple(m.shape) for m in jax.tree.leaves(checkpoints.item_metadata(step)["state"]))
+    expected = sorted(x.shape for x in jax.tree.leaves(target))
+    if stored != expected:
+        checkpoints.close()
+        raise ResumeError(
+            f"the checkpoint of step {step} in {checkpoints.directory} does not fit this run: it holds "
+            f"{len(stored)} arrays of {sum(map(math.prod, stored)):,} elements, this model and recipe "
+            f"need {len(expected)} of {sum(map(math.prod, expected)):,}; resume with the run's own "
+            "settings (its config.yaml and recipe.yaml) or use a new --workdir")
     restored = checkpoints.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
@@ -607,6 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NONFINITE
+    except ResumeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps(summary))
     return EXIT_SIGINT if summary["stopped"] == "SIGINT" else 0
 

@@ -28,6 +28,7 @@ from lowbit import plot
 from lowbit.config import load_config
 from lowbit.train import (
     NonFiniteError,
+    ResumeError,
     build_model,
     check_batch_fits,
     init_train_state,
@@ -155,6 +156,12 @@ def test_restart_with_more_steps_continues_without_repeating(tmp_path):
     assert second["start_step"] == 6 and second["step"] == 9
     rows, _ = read_rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 10))
+
+
+def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
+    train(tiny("steps=1"), "bf16", tmp_path)
+    with pytest.raises(ResumeError, match=r"checkpoint of step 1 .* does not fit this run: .*new --workdir"):
+        train(tiny("steps=2", "emb_dim=32"), "bf16", tmp_path)
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
