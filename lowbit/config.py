@@ -8,6 +8,7 @@ field's type. Unknown keys are an error that names the closest valid keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -162,12 +163,9 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in (a for a in args if a is not type(None)):
-            try:
+            with contextlib.suppress(ValueError):
                 return coerce(key, value, option)
-            except ValueError as error:
-                errors.append(error)
         raise ValueError(f"{key} expects {_type_name(hint)}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
