@@ -406,17 +406,18 @@ for name, (fmt, b) in FORMATS.items():
     ("md", """\
 ## GEMM error with both operands quantized
 
-Y = A·B with A the outlier activations (256 x 1024) and B normal weights (1024 x 512), both
-quantized along the contraction axis K (A along its last axis, B along its first). With the RHT,
-the *same* signs transform A's rows and B's columns, so A'B' = AB before quantization.
+Y = A·B with B normal weights (1024 x 512) and A either the channel-outlier activations above or
+heavy-tailed Student-t(3) activations (256 x 1024), both operands quantized along the contraction
+axis K (A along its last axis, B along its first). With the RHT, the *same* signs transform A's
+rows and B's columns, so A'B' = AB before quantization.
 """),
     ("code", """\
-a = x_act
 b_w = jax.random.normal(key_w, (channels, 512)) / np.sqrt(channels)
-y_exact = np.asarray(a, np.float64) @ np.asarray(b_w, np.float64)
+ACTIVATIONS = {"outliers": x_act, "student-t": jax.random.t(jax.random.key(5), 3.0, (tokens, channels))}
 
 
-def gemm_rel_err(fmt, rht_block=None):
+def gemm_rel_err(a, fmt, rht_block=None):
+    y_exact = np.asarray(a, np.float64) @ np.asarray(b_w, np.float64)
     lhs, rhs = a, b_w
     if rht_block:
         lhs = lowbit.random_hadamard(lhs, key_s, axis=-1, block=rht_block)
@@ -427,21 +428,35 @@ def gemm_rel_err(fmt, rht_block=None):
     return float(np.linalg.norm(y - y_exact) / np.linalg.norm(y_exact))
 
 
-print(f"RHT alone (no quantization) changes A·B by {gemm_rel_err(None, 32):.1e} (float32 round-off)")
-gemm = {name: (gemm_rel_err(fmt), gemm_rel_err(fmt, b)) for name, (fmt, b) in FORMATS.items()}
-fig, ax = plt.subplots()
-ax.bar(np.arange(3) - 0.2, [v[0] for v in gemm.values()], 0.4, label="no RHT")
-ax.bar(np.arange(3) + 0.2, [v[1] for v in gemm.values()], 0.4, label="RHT")
-ax.set_xticks(np.arange(3), list(gemm))
+print(f"RHT alone (no quantization) changes A·B by {gemm_rel_err(x_act, None, 32):.1e} (float32 round-off)")
+gemm = {(data, name): (gemm_rel_err(a, fmt), gemm_rel_err(a, fmt, b))
+        for data, a in ACTIVATIONS.items() for name, (fmt, b) in FORMATS.items()}
+fig, ax = plt.subplots(figsize=(9, 3.6))
+positions = np.arange(len(gemm))
+ax.bar(positions - 0.2, [v[0] for v in gemm.values()], 0.4, label="no RHT")
+ax.bar(positions + 0.2, [v[1] for v in gemm.values()], 0.4, label="RHT")
+ax.set_xticks(positions, [f"{name}\\n{data}" for data, name in gemm])
 ax.set(yscale="log", ylabel="|Y_q - Y| / |Y|", title="GEMM error, both operands quantized")
 ax.legend()
 plt.show()
 """),
     ("code", """\
-print("SUMMARY: GEMM relative error (outlier activations x normal weights)")
-print(f"{'format':<8}{'no RHT':>10}{'RHT':>10}{'gain':>8}")
-for name, (plain, rotated) in gemm.items():
-    print(f"{name:<8}{plain:10.4f}{rotated:10.4f}{plain / rotated:7.2f}x")
+print("SUMMARY: GEMM relative error (activations x normal weights)")
+print(f"{'format':<8}{'activations':<12}{'no RHT':>10}{'RHT':>10}{'gain':>8}")
+for (data, name), (plain, rotated) in gemm.items():
+    print(f"{name:<8}{data:<12}{plain:10.4f}{rotated:10.4f}{plain / rotated:7.2f}x")
+"""),
+    ("md", """\
+What the numbers say:
+* **The RHT Gaussianises blocks.** Heavy tails and outliers become near-normal blocks with crest
+  factors around 3 instead of sqrt(b). That is what MXFP4 needs: its power-of-two scale and
+  32-element blocks are hurt most by outliers, and the RHT gives back most of the loss. MXFP8
+  gains a little.
+* **NVFP4 gains little or loses.** Its 16-element blocks and E4M3 scales already isolate an outlier
+  in a block of its own, where the outlier itself is stored almost exactly; after the transform the
+  outlier's energy is spread over 16 values near the top of the E2M1 grid, whose binade [4, 6]
+  has only two points. NVIDIA's recipe (arXiv 2509.25149, sec. 4.2) likewise applies the RHT
+  only to the inputs of the wgrad GEMM (contraction over tokens), not to fprop or dgrad.
 """),
 ]
 
@@ -508,7 +523,10 @@ models = {"bf16": make_model(None), "mxfp8": make_model("mxfp8"), "nvfp4": make_
 for name, model in models.items():
     for hook in conversion_report(model):
         print(f"{name:>6}: {hook.path:<8} {hook.attribute:<12} -> {hook.recipe or 'high precision'}")
-print(models["nvfp4"].hidden.dot_general)
+nvfp4 = lowbit.get_recipe("nvfp4")
+print(f"\\n{type(models['nvfp4'].hidden.dot_general).__name__} running {nvfp4.name!r}:")
+for gemm in ("fprop", "dgrad", "wgrad"):
+    print(f"  {gemm}: {getattr(nvfp4, gemm)}")
 """),
     ("md", "## Train each copy for a few dozen AdamW steps"),
     ("code", """\
@@ -553,7 +571,7 @@ x, _ = batch_at(0)
 
 
 def grad_kernel(layer):
-    return nnx.grad(lambda m: jnp.sum(jnp.tanh(m(x))))(layer).kernel.value
+    return nnx.grad(lambda m: jnp.sum(jnp.tanh(m(x))))(layer).kernel[...]
 
 
 rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -578,24 +596,28 @@ CONVERGENCE_NB = [
 Reads run directories (each with the `metrics.jsonl` that `lowbit.train` writes) and plots train and
 validation loss per recipe and the relative gap to the bf16 run.
 
-`RUN_ROOT` is a directory whose subdirectories are runs (a `python -m lowbit.study --workdir`, or
-the study committed under `docs/convergence/`). Leave it `None` to use `docs/convergence/` when it
-holds runs; where no runs are found, the notebook trains a small study itself (tiny config, bf16 and
-mxfp8, 20 steps; under a minute on a laptop CPU) into `RUN_ROOT` or a temporary directory.
+`RUN_ROOT` is a directory whose subdirectories are runs: the `--workdir` of
+`python -m lowbit.study`, or the study committed under `docs/convergence/`. Leave it `None` to use
+`docs/convergence/` when it holds runs. Where no runs are found, the notebook trains a small study
+itself with `lowbit.study.run_study` (a 1-layer dense variant of the `tiny` config, bf16 and
+mxfp8, 20 steps, under a minute on a CPU) into `RUN_ROOT` or a temporary directory.
 """),
     ("code", """\
 RUN_ROOT = None          # path to a directory of run directories, or None
 FRESH_RECIPES = ("bf16", "mxfp8")
-FRESH_OVERRIDES = ["steps=20", "max_target_length=32", "num_decoder_layers=1", "learning_rate=1e-2",
-                   "warmup_steps=5", "eval_every=10", "eval_batches=1", "checkpoint_every=0"]
+FRESH_OVERRIDES = ["steps=20", "max_target_length=32", "num_decoder_layers=1", "num_experts=0",
+                   "learning_rate=1e-2", "warmup_steps=5", "eval_every=10", "eval_batches=1",
+                   "checkpoint_every=0"]
 """, ["parameters"]),
     ("code", SETUP + """\
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.plot import read_metrics, smooth
+from lowbit.study import TAIL
 """),
     ("code", """\
 def find_runs(root) -> dict[str, Path]:
@@ -624,13 +646,15 @@ def default_root():
 root = Path(RUN_ROOT) if RUN_ROOT is not None else default_root()
 if root is None or not find_runs(root):
     from lowbit.config import load_config
-    from lowbit.train import train
+    from lowbit.study import run_study
 
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
     root = root or Path(tempfile.mkdtemp(prefix="lowbit-convergence-"))
     print(f"no runs found; training {FRESH_RECIPES} into {root}")
-    for recipe in FRESH_RECIPES:
-        summary = train(load_config("tiny", FRESH_OVERRIDES), recipe, root / recipe)
-        print(f"  {recipe}: final loss {summary['final_loss']:.4f}, val {summary['final_val_loss']:.4f}")
+    run_study(load_config("tiny", FRESH_OVERRIDES), FRESH_RECIPES, root)
+    # run_study draws root/curves.png through lowbit.plot, which selects matplotlib's Agg backend
+    # for the whole process; switch the notebook's inline figures back on.
+    get_ipython().run_line_magic("matplotlib", "inline")  # noqa: F821 (IPython global)
 runs = find_runs(root)
 print(f"{len(runs)} runs in {root}: {', '.join(runs)}")
 """),
@@ -653,48 +677,46 @@ plt.show()
     ("md", """\
 ## Gap to bf16
 
-(loss_recipe - loss_bf16) / loss_bf16 at the same step, on the smoothed train loss and on the
-validation points. Recipes share the seed and the data order, so at step t both saw the same
-batches; the gap measures only the quantization.
+(loss_recipe - loss_bf16) / loss_bf16 at the same step, on the smoothed train loss (curve) and,
+as in `lowbit.study`'s summary, on the mean of the last `TAIL` train losses and on the last
+validation loss (table). Recipes share the seed and the data order, so at step t every run has
+seen the same batches: the gap measures the quantization alone.
 """),
     ("code", """\
-def by_step(rows, key):
-    return {r["step"]: r[key] for r in rows if key in r}
-
-
 reference = "bf16" if "bf16" in metrics else next(iter(metrics))
-ref_train = metrics[reference][0]
-ref_steps = [r["step"] for r in ref_train]
-ref_smooth = dict(zip(ref_steps, smooth([r["loss"] for r in ref_train], 0.8), strict=True))
-ref_val = by_step(metrics[reference][1], "val_loss")
 
-fig, ax = plt.subplots()
-gaps = {}
-for i, (name, (train_rows, val_rows)) in enumerate(metrics.items()):
-    if name == reference:
-        continue
-    mine = dict(zip([r["step"] for r in train_rows], smooth([r["loss"] for r in train_rows], 0.8),
+
+def smoothed_by_step(train_rows):
+    return dict(zip([r["step"] for r in train_rows], smooth([r["loss"] for r in train_rows], 0.8),
                     strict=True))
-    common = sorted(set(mine) & set(ref_smooth))
-    gap = np.array([(mine[s] - ref_smooth[s]) / ref_smooth[s] for s in common])
-    ax.plot(common, 100 * gap, color=f"C{i}", label=name)
-    val = by_step(val_rows, "val_loss")
-    val_common = sorted(set(val) & set(ref_val))
-    last = val_common[-1] if val_common else None
-    final_val_gap = (val[last] - ref_val[last]) / ref_val[last] if val_common else np.nan
-    gaps[name] = (gap[-1] if len(gap) else np.nan, final_val_gap)
+
+
+ref_smooth = smoothed_by_step(metrics[reference][0])
+fig, ax = plt.subplots()
+for i, (name, (train_rows, _)) in enumerate(metrics.items()):
+    if name != reference:
+        mine = smoothed_by_step(train_rows)
+        common = sorted(set(mine) & set(ref_smooth))
+        ax.plot(common, [100 * (mine[s] - ref_smooth[s]) / ref_smooth[s] for s in common],
+                color=f"C{i}", label=name)
 ax.axhline(0, color="k", linewidth=0.8)
-ax.set(xlabel="step", ylabel=f"gap to {reference} (%)", title="relative train-loss gap (smoothed)")
+ax.set(xlabel="step", ylabel=f"gap to {reference} (%)", title="relative train-loss gap (EMA 0.8)")
 ax.legend(fontsize=8)
 plt.show()
 """),
     ("code", """\
-print(f"SUMMARY: final losses and relative gap to {reference}")
+def finals(train_rows, val_rows):
+    return (float(np.nanmean([r["loss"] for r in train_rows][-TAIL:])),
+            val_rows[-1]["val_loss"] if val_rows else float("nan"))
+
+
+ref_train, ref_val = finals(*metrics[reference])
+print(f"SUMMARY: final train loss (mean of the last {TAIL}), final val loss, gap to {reference}")
 print(f"{'recipe':<16}{'steps':>7}{'train':>9}{'val':>9}{'train gap':>11}{'val gap':>10}")
 for name, (train_rows, val_rows) in metrics.items():
-    final_val = val_rows[-1]["val_loss"] if val_rows else float("nan")
-    train_gap, val_gap = gaps.get(name, (0.0, 0.0))
-    print(f"{name:<16}{train_rows[-1]['step']:>7}{train_rows[-1]['loss']:9.4f}{final_val:9.4f}"
+    final_train, final_val = finals(train_rows, val_rows)
+    train_gap, val_gap = (final_train - ref_train) / ref_train, (final_val - ref_val) / ref_val
+    print(f"{name:<16}{train_rows[-1]['step']:>7}{final_train:9.4f}{final_val:9.4f}"
           f"{100 * train_gap:+10.2f}%{100 * val_gap:+9.2f}%")
 """),
 ]
