@@ -79,6 +79,14 @@ def summary_table(text: str) -> list[list[str]]:
     return rows
 
 
+def test_kernel_runs_this_interpreter(kernel_name):
+    """The notebooks run in the test's own environment (a fresh CI venv included)."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+    nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=TIMEOUT_S).execute()
+    text, _ = outputs(nb)
+    assert Path(text.strip()).absolute() == Path(sys.executable).absolute()
+
+
 def test_notebook_sources_are_generated_from_build_script(tmp_path):
     """The committed .ipynb files are exactly what notebooks/_build.py writes (and have no outputs)."""
     sys.path.insert(0, str(NOTEBOOKS))
