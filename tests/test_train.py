@@ -158,6 +158,18 @@ def test_restart_with_more_steps_continues_without_repeating(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 10))
 
 
+def test_resume_restores_the_stochastic_rounding_rng_exactly(tmp_path):
+    config = tiny("steps=4")  # nvfp4-norht: stochastic rounding of gradients, keys from `quant`
+    train(config, "nvfp4-norht", tmp_path / "reference")
+    stopped = train(config, "nvfp4-norht", tmp_path / "resumed", deadline=time.monotonic() - 1)
+    assert stopped["stopped"] == "deadline" and stopped["step"] == 1
+    train(config, "nvfp4-norht", tmp_path / "resumed")
+    resumed, reference = read_rows(tmp_path / "resumed")[0], read_rows(tmp_path / "reference")[0]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
+
+
 def test_resume_with_another_model_shape_is_a_clear_error(tmp_path):
     train(tiny("steps=1"), "bf16", tmp_path)
     with pytest.raises(ResumeError, match=r"checkpoint of step 1 .* does not fit this run: .*new --workdir"):
