@@ -1,0 +1,7 @@
+"""Flax NNX glue: quantized dot_general / ragged_dot / einsum modules and quantize_model."""
+
+from lowbit.nn.convert import HookInfo, conversion_report, kept_layers, quantize_model
+from lowbit.nn.quant_modules import QuantDotGeneral, QuantEinsum, QuantRaggedDot
+
+__all__ = ["HookInfo", "QuantDotGeneral", "QuantEinsum", "QuantRaggedDot", "conversion_report",
+           "kept_layers", "quantize_model"]
