@@ -1,0 +1,467 @@
+"""Fused block quantization: one Pallas (Triton) kernel reads each tile of x once and writes data + scales.
+
+Same numerics as lowbit.quantize (OCP MX v1.0 sec. 6.3 FLOOR, NVIDIA RCEIL, NVFP4 two-level scaling
+with correctly rounded divisions): for nearest rounding the bits are identical. Elements are rounded
+onto the grid with integer RNE on the float32 bits, ulp(y) = 2^(max(E(|y|), emin) - mbits), and the
+element code is written directly as ((max(E, emin) - emin) << mbits) + rint(|y| / ulp) | sign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit.formats import Format, get_format
+from lowbit.quantize import ROUNDINGS, SCALE_MODES, QArray, _div_rn
+
+RNG_SOURCES = ("hash", "bits")  # in-kernel counter hash | jax.random.bits(key, x.shape) read from HBM
+DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
+FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one code per byte
+_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_SUPPORTED_KINDS = ("mx", "nvfp4")
+_SIGN = np.int32(-(2**31))
+_ABS = np.int32(0x7FFFFFFF)
+_F32_INF_BITS = 0x7F800000
+_F32_MIN_NORMAL_BITS = 0x00800000
+_E8M0_NAN = 255
+_E4M3_NAN = 0x7F  # jnp.nan.astype(float8_e4m3fn), as lowbit.quantize stores for poisoned blocks
+_NVFP4_MIN_TENSOR_SCALE = 2.0**-120
+_E4M3_MIN_NORMAL = 2.0**-6
+_E4M3_MAX = 448.0
+_E2M1_MAX = 6.0
+
+
+# ----------------------------------------------------------------------------- static plan
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything the kernel body needs to know at trace time (hashable: a jit static argument)."""
+
+    kind: str  # "mx" | "nvfp4"
+    block: int  # elements per block along the last axis
+    tile_rows: int  # 1 for 1-D blocks, block for block x block tiles
+    emin: int
+    emax: int
+    mbits: int
+    elem_bits: int
+    elem_max: float
+    scale_mode: str
+    rounding: str
+    rng: str
+    div: str  # "ptx" | "int" (resolved)
+    packed: bool  # FP4 written two codes per byte
+    prescale: float
+
+    @property
+    def red_axes(self) -> tuple[int, ...]:
+        return (1, 3, 4) if self.packed else (1, 3)
+
+
+def _view_shape(m: int, n: int, plan: _Plan) -> tuple[int, ...]:
+    """x (m, n) seen as (m/R, R, n/B, B) (FP4 packed: (..., B/2, 2)); a free reshape in XLA."""
+    r, b = plan.tile_rows, plan.block
+    tail = (b // 2, 2) if plan.packed else (b,)
+    return (m // r, r, n // b, *tail)
+
+
+def _pow2_divisor(n: int, limit: int) -> int:
+    """Largest power of two that divides n and is <= limit (>= 1): Triton blocks are powers of two."""
+    d = 1
+    while d * 2 <= limit and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+# ----------------------------------------------------------------------------- in-kernel bit helpers
+def _pow2(k: jax.Array) -> jax.Array:
+    """2^k as float32 from the exponent bits, k int32 in [-126, 127]."""
+    return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+
+def _expand(v: jax.Array, plan: _Plan) -> jax.Array:
+    """Per-block (rows, blocks) values -> broadcastable against the tile view."""
+    return lax.expand_dims(v, plan.red_axes)
+
+
+def _div_rn_int(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a / b correctly rounded (RNE) for a >= 0 and normal b > 0: lowbit.quantize._div_rn on int32 ops."""
+    a_bits = lax.bitcast_convert_type(a, jnp.int32)
+    b_bits = lax.bitcast_convert_type(b, jnp.int32)
+    a_man = (a_bits & 0x7FFFFF) | 0x800000
+    b_man = (b_bits & 0x7FFFFF) | 0x800000
+    exp = ((a_bits >> 23) & 0xFF) - ((b_bits >> 23) & 0xFF) + 127
+    small = a_man < b_man
+    rem = jnp.where(small, a_man << 1, a_man)
+    exp = exp - small.astype(jnp.int32)
+    quot = jnp.zeros_like(rem)
+    for _ in range(24):  # the leading one and 23 mantissa bits
+        bit = (rem >= b_man).astype(jnp.int32)
+        quot = (quot << 1) | bit
+        rem = (rem - bit * b_man) << 1
+    guard = rem >= b_man
+    sticky = (rem - guard.astype(jnp.int32) * b_man) != 0
+    quot = quot + (guard & (sticky | ((quot & 1) == 1))).astype(jnp.int32)
+    carry = quot >> 24
+    quot = jnp.where(carry == 1, quot >> 1, quot)
+    exp = exp + carry
+    out = lax.bitcast_convert_type((exp << 23) | (quot & 0x7FFFFF), jnp.float32)
+    out = jnp.where(exp >= 255, jnp.float32(np.inf), jnp.where(exp <= 0, jnp.float32(0.0), out))
+    return jnp.where(a == 0, jnp.float32(0.0), out)
+
+
+def _div_rn_ptx(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a / b by PTX div.rn.f32 (IEEE RNE); Triton's own f32 '/' is div.full.f32, not correctly rounded."""
+    from jax.experimental.pallas import triton as pltriton  # GPU-only path
+
+    (q_bits,) = pltriton.elementwise_inline_asm(
+        "{ .reg .f32 a, b, q; mov.b32 a, $1; mov.b32 b, $2; div.rn.f32 q, a, b; mov.b32 $0, q; }",
+        args=[lax.bitcast_convert_type(a, jnp.int32), lax.bitcast_convert_type(b, jnp.int32)],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+    )
+    return lax.bitcast_convert_type(q_bits, jnp.float32)
+
+
+def _grid_exponent(y_abs_bits: jax.Array, emin: int) -> tuple[jax.Array, jax.Array]:
+    """Biased f32 exponent E of |y| and of its grid binade ue = max(E, emin + 127)."""
+    e_biased = y_abs_bits >> 23
+    return e_biased, jnp.maximum(e_biased, emin + 127)
+
+
+def _encode_nearest(y: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
+    """Element code of RNE(y) on the grid {m * 2^(max(E, emin) - mbits)}, |y| <= max; int32.
+
+    rint(|y| / ulp) = RNE(m24 >> shift) with m24 the 24-bit significand and shift = 23 - mbits +
+    ue - E; f32 zeros and subnormals give shift >= 25, hence 0 (they round to 0 on every grid).
+    """
+    y_bits = lax.bitcast_convert_type(y, jnp.int32)
+    y_abs = y_bits & _ABS
+    e_biased, ue = _grid_exponent(y_abs, emin)
+    shift = jnp.minimum(23 - mbits + ue - e_biased, 25)
+    man = (y_abs & 0x7FFFFF) | 0x800000
+    lsb = (man >> shift) & 1
+    r = (man + ((1 << (shift - 1)) - 1) + lsb) >> shift  # round half to even
+    code = ((ue - (emin + 127)) << mbits) + r  # a carry into the next binade lands in the exponent field
+    sign = lax.shift_right_logical(y_bits, 31) << (elem_bits - 1)
+    return code | sign
+
+
+def _encode_stochastic(y: jax.Array, u: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
+    """Element code of floor(t) + [u < t - floor(t)], t = y / ulp (lowbit.quantize.round_to_grid's rule)."""
+    y_bits = lax.bitcast_convert_type(y, jnp.int32)
+    _, ue = _grid_exponent(y_bits & _ABS, emin)
+    t = y * _pow2((127 + mbits) - ue)  # y / ulp, exact: ulp is a normal power of two
+    floor_t = jnp.floor(t)
+    r = floor_t + (u < t - floor_t).astype(jnp.float32)
+    r_bits = lax.bitcast_convert_type(r, jnp.int32)
+    r_abs = lax.bitcast_convert_type(r_bits & _ABS, jnp.float32).astype(jnp.int32)
+    code = ((ue - (emin + 127)) << mbits) + r_abs
+    sign = lax.shift_right_logical(r_bits, 31) << (elem_bits - 1)  # r's sign: floor(-0.3) + 1 = +0
+    return code | sign
+
+
+def _uniform_from_bits(bits: jax.Array) -> jax.Array:
+    """u in [0, 1) from 23 random bits, as jax.random.uniform builds it: f32(1.m) - 1."""
+    one_bits = lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    return lax.bitcast_convert_type(one_bits, jnp.float32) - jnp.float32(1.0)
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """32-bit avalanche hash (C. Wellons' lowbias32): bijective, every input bit flips ~half the output."""
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(15))
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
+
+
+def _hash_bits(shape: tuple[int, ...], seeds: tuple[jax.Array, jax.Array],
+               origin: tuple[jax.Array, jax.Array], n: int, plan: _Plan) -> jax.Array:
+    """Random uint32 per element: two keyed rounds of _mix32 over the element's linear index in x."""
+    r, b = plan.tile_rows, plan.block
+    row0, blk0 = origin
+    ax = [lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(len(shape))]
+    row = (row0.astype(jnp.uint32) + ax[0]) * jnp.uint32(r) + ax[1]
+    col = (blk0.astype(jnp.uint32) + ax[2]) * jnp.uint32(b)
+    col = col + (ax[3] * jnp.uint32(2) + ax[4] if plan.packed else ax[3])
+    index = row * jnp.uint32(n) + col  # wraps past 2^32 elements (streams then repeat)
+    return _mix32(_mix32(index ^ seeds[0]) ^ seeds[1])
+
+
+# ----------------------------------------------------------------------------- kernel
+def _block_scales(amax_bits: jax.Array, params: tuple[jax.Array, jax.Array] | None, plan: _Plan):
+    """Per block: (scale code int32, element multiplier f32) from the flushed finite amax bits."""
+    if plan.kind == "mx":
+        if plan.scale_mode == "floor":  # OCP MX v1.0 sec. 6.3: floor(log2 amax) - emax
+            s = jnp.clip((amax_bits >> 23) - 127 - plan.emax, -127, 127)
+        else:  # rceil, as lowbit.quantize._mx_scale_exponent (tiny amax scaled by 2^64 first)
+            amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
+            tiny = amax < jnp.float32(2.0**-64)
+            amax = jnp.where(tiny, amax * jnp.float32(2.0**64), amax)
+            d = amax * jnp.float32(np.float32(1.0 / plan.elem_max))
+            d_bits = lax.bitcast_convert_type(d, jnp.int32)
+            biased = ((d_bits >> 23) & 0xFF) - jnp.where(tiny, 64, 0)
+            normal_byte = jnp.minimum(biased + ((d_bits & 0x7FFFFF) != 0).astype(jnp.int32), 254)
+            sub_limit = jnp.where(tiny, jnp.float32(2.0**-63), jnp.float32(2.0**-127))
+            byte = jnp.where(biased >= 1, normal_byte, (d > sub_limit).astype(jnp.int32))
+            s = byte - 127
+        # s <= 126 for every finite amax, so 2^-s is a normal float and x * 2^-s is exact.
+        return s + 127, _pow2(jnp.maximum(-s, -126))
+
+    div = _div_rn_ptx if plan.div == "ptx" else _div_rn_int
+    tensor_scale, inv_tensor_scale = params[0], params[1]
+    amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
+    per_block = div(div(amax, jnp.full_like(amax, _E2M1_MAX)), jnp.full_like(amax, tensor_scale))
+    per_block = jnp.minimum(jnp.maximum(per_block, jnp.float32(_E4M3_MIN_NORMAL)), jnp.float32(_E4M3_MAX))
+    code = _encode_nearest(per_block, -6, 3, 8)  # RNE onto E4M3; >= 2^-6, so a normal code
+    scale = lax.bitcast_convert_type((((code >> 3) + 120) << 23) | ((code & 7) << 20), jnp.float32)
+    # torchao: x * ((1 / tensor_scale) / scale), one reciprocal per block
+    return code, div(jnp.full_like(scale, inv_tensor_scale), scale)
+
+
+def _kernel(*refs, plan: _Plan, n: int):
+    refs = list(refs)
+    params_ref = refs.pop(0) if plan.kind == "nvfp4" else None
+    seeds_ref = refs.pop(0) if plan.rounding == "stochastic" and plan.rng == "hash" else None
+    x_ref = refs.pop(0)
+    rand_ref = refs.pop(0) if plan.rounding == "stochastic" and plan.rng == "bits" else None
+    data_ref, scale_ref = refs
+
+    x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
+    x_abs = x_bits & _ABS
+    # One integer max per block: NaN/Inf bit patterns exceed every finite one, and non-negative
+    # floats order like their bits, so the max is both the poison flag and the finite amax.
+    block_max = jnp.max(x_abs, axis=plan.red_axes)
+    poisoned = block_max >= _F32_INF_BITS
+    amax_bits = jnp.where(block_max < _F32_MIN_NORMAL_BITS, 0, block_max)  # f32 subnormals flush to 0
+    params = None if params_ref is None else (params_ref[0], params_ref[1])
+    scale_code, multiplier = _block_scales(amax_bits, params, plan)
+
+    x = lax.bitcast_convert_type(jnp.where(x_abs < _F32_MIN_NORMAL_BITS, x_bits & _SIGN, x_bits), jnp.float32)
+    y = x * _expand(multiplier, plan)
+    if plan.prescale != 1.0:
+        y = y * jnp.float32(plan.prescale)
+    y = jnp.minimum(jnp.maximum(y, jnp.float32(-plan.elem_max)), jnp.float32(plan.elem_max))
+    if plan.rounding == "nearest":
+        codes = _encode_nearest(y, plan.emin, plan.mbits, plan.elem_bits)
+    else:
+        if rand_ref is not None:
+            bits = rand_ref[...]
+        else:
+            i, j = _program_origin(plan, n, y.shape)
+            bits = _hash_bits(y.shape, (seeds_ref[0], seeds_ref[1]), (i, j), n, plan)
+        codes = _encode_stochastic(y, _uniform_from_bits(bits), plan.emin, plan.mbits, plan.elem_bits)
+    codes = jnp.where(_expand(poisoned, plan), 0, codes)  # the NaN scale carries the poison
+    if plan.packed:  # even element in the low nibble (lowbit.pack_fp4's order)
+        nibble = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * 4
+        codes = jnp.sum(codes << nibble, axis=-1)
+    data_ref[...] = codes.astype(jnp.uint8)
+    nan_code = _E8M0_NAN if plan.kind == "mx" else _E4M3_NAN
+    scale_ref[...] = jnp.where(poisoned, nan_code, scale_code).astype(jnp.uint8)
+
+
+def _program_origin(plan: _Plan, n: int, tile: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(first row group, first block) of this program's tile; the grid is 1-D, row-major over tiles."""
+    from jax.experimental import pallas as pl
+
+    tiles_per_row = (n // plan.block) // tile[2]
+    p = pl.program_id(0)
+    return (p // tiles_per_row) * tile[0], (p % tiles_per_row) * tile[2]
+
+
+# ----------------------------------------------------------------------------- public API
+def _pallas_available() -> bool:
+    try:
+        from jax.experimental import pallas  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_available() -> bool:
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _normalize_axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if not 1 <= len(axes) <= 2 or not all(-ndim <= int(a) < ndim for a in axes):
+        return None
+    out = tuple(sorted(int(a) % ndim for a in axes))
+    return out if len(set(out)) == len(out) else None
+
+
+def fused_available(
+    x: jax.Array,
+    fmt: Format | str,
+    axis: int | tuple[int, ...] = -1,
+    *,
+    scale_mode: str = "floor",
+    rounding: str = "nearest",
+    pad: bool = False,
+    require_gpu: bool = True,
+) -> bool:
+    """Whether quantize_fused handles this call: 2-D float x, MX FP8/FP4 or NVFP4, blocks along the last
+    axis (or block x block tiles) dividing the shape; with require_gpu also a GPU backend with Pallas Triton.
+    """
+    try:
+        fmt = get_format(fmt)
+    except ValueError:
+        return False
+    if fmt.kind not in _SUPPORTED_KINDS or fmt.storage_dtype != fmt.elem_dtype:  # FP6: XLA path
+        return False
+    if getattr(x, "ndim", None) != 2 or not any(x.dtype == d for d in _FLOAT_INPUTS):
+        return False
+    if rounding not in ROUNDINGS or scale_mode not in SCALE_MODES or pad:
+        return False
+    axes = _normalize_axes(axis, 2)
+    if axes not in ((1,), (0, 1)):
+        return False
+    if any(x.shape[a] % fmt.block_size or x.shape[a] == 0 for a in axes):
+        return False
+    if not _pallas_available():
+        return False
+    if require_gpu:
+        return jax.default_backend() == "gpu" and _triton_available()
+    return True
+
+
+def quantize_fused(
+    x: jax.Array,
+    fmt: Format | str,
+    scale_mode: str = "floor",
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    interpret: bool | None = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    prescale: float = 1.0,
+    tensor_amax: jax.Array | None = None,
+    rng: str = "hash",
+    div: str = "auto",
+    fp4_layout: str = "packed",
+    block_rows: int = 32,
+    block_cols: int = 512,
+    num_warps: int | None = 4,
+) -> QArray:
+    """lowbit.quantize(x, fmt, axis, rounding, key, scale_mode, prescale=...) as one fused kernel.
+
+    Nearest rounding gives lowbit.quantize's bits. Stochastic: rng="bits" reads jax.random.bits(key,
+    x.shape) (the same u as lowbit.quantize, so the same bits, at 4 extra bytes per element);
+    rng="hash" hashes the element index with a key-derived seed in-kernel (unbiased, other bits).
+    `tensor_amax` (NVFP4): max |x| over finite elements if already known; else one XLA reduction.
+    interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
+    """
+    fmt = get_format(fmt)
+    x = jnp.asarray(x)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; choose one of {SCALE_MODES}")
+    for name, value, choices in (("rng", rng, RNG_SOURCES), ("div", div, DIV_IMPLS),
+                                 ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("rounding='stochastic' needs fresh random bits: pass key=jax.random.key(...)")
+    if not fused_available(x, fmt, axis, scale_mode=scale_mode, rounding=rounding, require_gpu=False):
+        raise ValueError(
+            f"quantize_fused does not handle {fmt.name} on a {x.dtype} array of shape {x.shape} with "
+            f"axis={axis!r}: it needs a 2-D float array, an MX FP8/FP4 or NVFP4 format and blocks along "
+            "the last axis (or block x block tiles) that divide the shape; use lowbit.quantize instead"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    axes = _normalize_axes(axis, 2)
+    plan = _Plan(
+        kind=fmt.kind, block=fmt.block_size, tile_rows=fmt.block_size if axes == (0, 1) else 1,
+        emin=fmt.emin, emax=fmt.emax, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
+        elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
+        rounding=rounding, rng=rng, div=("int" if interpret else "ptx") if div == "auto" else div,
+        packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
+    )
+    if rounding == "nearest":
+        key = None
+    return _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, bool(interpret),
+                               int(block_rows), int(block_cols), num_warps)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_rows, block_cols,
+                        num_warps) -> QArray:
+    from jax.experimental import pallas as pl
+
+    m, n = x.shape
+    view = _view_shape(m, n, plan)
+    rows_per_tile = _pow2_divisor(view[0], max(1, block_rows // plan.tile_rows))
+    blocks_per_tile = _pow2_divisor(view[2], max(1, block_cols // plan.block))
+    tile = (rows_per_tile, plan.tile_rows, blocks_per_tile, *view[3:])
+    tiles_per_row = view[2] // blocks_per_tile
+    grid = ((view[0] // rows_per_tile) * tiles_per_row,)
+
+    def tile_index(p, rank):  # 1-D grid (no CUDA launch-dimension limits), row-major over tiles
+        return (p // tiles_per_row, 0, p % tiles_per_row) + (0,) * (rank - 3)
+
+    def scale_index(p):
+        return (p // tiles_per_row, p % tiles_per_row)
+
+    inputs, in_specs = [], []
+    tensor_scale = None
+    if plan.kind == "nvfp4":
+        if tensor_amax is None:
+            x_abs = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & _ABS
+            finite_normal = (x_abs < _F32_INF_BITS) & (x_abs >= _F32_MIN_NORMAL_BITS)
+            tensor_amax = lax.bitcast_convert_type(jnp.max(jnp.where(finite_normal, x_abs, 0)),
+                                                   jnp.float32)
+        tensor_scale = jnp.maximum(_div_rn(jnp.asarray(tensor_amax, jnp.float32), _E4M3_MAX * _E2M1_MAX),
+                                   _NVFP4_MIN_TENSOR_SCALE).astype(jnp.float32)
+        inputs.append(jnp.stack([tensor_scale, _div_rn(1.0, tensor_scale)]))
+        in_specs.append(pl.BlockSpec((2,), lambda p: (0,)))
+    if plan.rounding == "stochastic" and plan.rng == "hash":
+        inputs.append(jax.random.bits(key, (2,), jnp.uint32))
+        in_specs.append(pl.BlockSpec((2,), lambda p: (0,)))
+    inputs.append(x.reshape(view))
+    in_specs.append(pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))))
+    if plan.rounding == "stochastic" and plan.rng == "bits":
+        inputs.append(jax.random.bits(key, x.shape, jnp.uint32).reshape(view))
+        in_specs.append(pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))))
+
+    data_view = view[:-1] if plan.packed else view
+    data_tile = tile[:-1] if plan.packed else tile
+    out_shape = (jax.ShapeDtypeStruct(data_view, jnp.uint8),
+                 jax.ShapeDtypeStruct((view[0], view[2]), jnp.uint8))
+    out_specs = (pl.BlockSpec(data_tile, functools.partial(tile_index, rank=len(data_view))),
+                 pl.BlockSpec((rows_per_tile, blocks_per_tile), scale_index))
+    compiler_params = None
+    if not interpret and _triton_available():
+        from jax.experimental.pallas import triton as pltriton
+
+        compiler_params = pltriton.CompilerParams(num_warps=num_warps)
+    codes, scale_codes = pl.pallas_call(
+        functools.partial(_kernel, plan=plan, n=n),
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"lowbit_quantize_{fmt.name}",
+    )(*inputs)
+
+    if plan.packed:  # bytes -> pairs of E2M1, element 0 in the low nibble
+        data = lax.bitcast_convert_type(codes.reshape(m, n // 2), fmt.storage_dtype).reshape(m, n)
+    elif fmt.elem_bits == 4:
+        data = lax.bitcast_convert_type(codes.reshape(m, n).astype(jnp.uint4), fmt.storage_dtype)
+    else:
+        data = lax.bitcast_convert_type(codes.reshape(m, n), fmt.storage_dtype)
+    scale = lax.bitcast_convert_type(scale_codes, fmt.scale_dtype)
+    return QArray(data, scale, tensor_scale, fmt, axes, plan.prescale)
