@@ -127,8 +127,9 @@ NVFP4 (arXiv 2509.25149, sec. 2) first takes a per-tensor FP32 scale `ts = tenso
 then per block of 16 an E4M3 scale `RNE_e4m3((block_amax / 6) / ts)`, clamped to `[2^-6, 448]`.
 The E4M3 scale is not a power of two, so the block max lands close to 6 (within E4M3's 3-bit
 rounding), but blocks far below the tensor max hit the `2^-6` clamp: their scale is then too
-large, so their elements land low on the E2M1 grid (or flush to zero) and lose precision. The sweep below keeps one block at amax 1 (so the
-tensor scale is fixed) and moves a second block's amax down by up to 2^-20.
+large, so their elements land low on the E2M1 grid (or flush to zero) and lose precision. The
+sweep below keeps one block at amax 1 (so the tensor scale is fixed) and moves a second block's
+amax down by up to 2^-20.
 """),
     ("code", """\
 ratios = np.float32(2.0) ** -np.linspace(0, 20, 200, dtype=np.float32)
