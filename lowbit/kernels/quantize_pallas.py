@@ -59,7 +59,9 @@ class _Plan:
 
     @property
     def red_axes(self) -> tuple[int, ...]:
-        return (1, 3, 4) if self.packed else (1, 3)
+        """Axes of the tile view that one scale covers (axis 1 has size 1 for 1-D blocks: skipped)."""
+        rows = (1,) if self.tile_rows > 1 else ()
+        return (*rows, 3, 4) if self.packed else (*rows, 3)
 
 
 def _view_shape(m: int, n: int, plan: _Plan) -> tuple[int, ...]:
@@ -81,11 +83,6 @@ def _pow2_divisor(n: int, limit: int) -> int:
 def _pow2(k: jax.Array) -> jax.Array:
     """2^k as float32 from the exponent bits, k int32 in [-126, 127]."""
     return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
-
-
-def _expand(v: jax.Array, plan: _Plan) -> jax.Array:
-    """Per-block (rows, blocks) values -> broadcastable against the tile view."""
-    return lax.expand_dims(v, plan.red_axes)
 
 
 def _div_rn_int(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -237,14 +234,16 @@ def _kernel(*refs, plan: _Plan, n: int):
     x_abs = x_bits & _ABS
     # One integer max per block: NaN/Inf bit patterns exceed every finite one, and non-negative
     # floats order like their bits, so the max is both the poison flag and the finite amax.
-    block_max = jnp.max(x_abs, axis=plan.red_axes)
+    # keepdims: per-block values keep the tile's rank (size-1 block axes), so they broadcast
+    # against the tile and are stored as they are, without reshapes inside the kernel.
+    block_max = jnp.max(x_abs, axis=plan.red_axes, keepdims=True)
     poisoned = block_max >= _F32_INF_BITS
     amax_bits = jnp.where(block_max < _F32_MIN_NORMAL_BITS, 0, block_max)  # f32 subnormals flush to 0
     params = None if params_ref is None else (params_ref[0], params_ref[1])
     scale_code, multiplier = _block_scales(amax_bits, params, plan)
 
     x = lax.bitcast_convert_type(jnp.where(x_abs < _F32_MIN_NORMAL_BITS, x_bits & _SIGN, x_bits), jnp.float32)
-    y = x * _expand(multiplier, plan)
+    y = x * multiplier
     if plan.prescale != 1.0:
         y = y * jnp.float32(plan.prescale)
     y = jnp.minimum(jnp.maximum(y, jnp.float32(-plan.elem_max)), jnp.float32(plan.elem_max))
@@ -257,7 +256,7 @@ def _kernel(*refs, plan: _Plan, n: int):
             i, j = _program_origin(plan, n, y.shape)
             bits = _hash_bits(y.shape, (seeds_ref[0], seeds_ref[1]), (i, j), n, plan)
         codes = _encode_stochastic(y, _uniform_from_bits(bits), plan.emin, plan.mbits, plan.elem_bits)
-    codes = jnp.where(_expand(poisoned, plan), 0, codes)  # the NaN scale carries the poison
+    codes = jnp.where(poisoned, 0, codes)  # the NaN scale carries the poison
     if plan.packed:  # even element in the low nibble (lowbit.pack_fp4's order)
         nibble = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * 4
         codes = jnp.sum(codes << nibble, axis=-1)
@@ -411,9 +410,6 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
     def tile_index(p, rank):  # 1-D grid (no CUDA launch-dimension limits), row-major over tiles
         return (p // tiles_per_row, 0, p % tiles_per_row) + (0,) * (rank - 3)
 
-    def scale_index(p):
-        return (p // tiles_per_row, p % tiles_per_row)
-
     inputs, in_specs = [], []
     tensor_scale = None
     if plan.kind == "nvfp4":
@@ -437,10 +433,11 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
 
     data_view = view[:-1] if plan.packed else view
     data_tile = tile[:-1] if plan.packed else tile
-    out_shape = (jax.ShapeDtypeStruct(data_view, jnp.uint8),
-                 jax.ShapeDtypeStruct((view[0], view[2]), jnp.uint8))
+    scale_view = tuple(1 if d in (1, 3, 4) else v for d, v in enumerate(view))
+    scale_tile = tuple(1 if d in (1, 3, 4) else t for d, t in enumerate(tile))
+    out_shape = (jax.ShapeDtypeStruct(data_view, jnp.uint8), jax.ShapeDtypeStruct(scale_view, jnp.uint8))
     out_specs = (pl.BlockSpec(data_tile, functools.partial(tile_index, rank=len(data_view))),
-                 pl.BlockSpec((rows_per_tile, blocks_per_tile), scale_index))
+                 pl.BlockSpec(scale_tile, functools.partial(tile_index, rank=len(view))))
     compiler_params = None
     if not interpret and _triton_available():
         from jax.experimental.pallas import triton as pltriton
@@ -463,5 +460,5 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
         data = lax.bitcast_convert_type(codes.reshape(m, n).astype(jnp.uint4), fmt.storage_dtype)
     else:
         data = lax.bitcast_convert_type(codes.reshape(m, n), fmt.storage_dtype)
-    scale = lax.bitcast_convert_type(scale_codes, fmt.scale_dtype)
+    scale = lax.bitcast_convert_type(scale_codes.reshape(view[0], view[2]), fmt.scale_dtype)
     return QArray(data, scale, tensor_scale, fmt, axes, plan.prescale)
