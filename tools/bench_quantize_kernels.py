@@ -36,8 +36,10 @@ FORMATS: list[tuple[str, str, dict[str, Any]]] = [
     ("nvfp4", "nvfp4", {}),
     ("nvfp4 16x16", "nvfp4", {"axis": (0, 1)}),
 ]
-TILE_SWEEP = [(8, 512, 4), (16, 512, 4), (32, 512, 4), (32, 512, 8), (64, 256, 4), (16, 1024, 8),
-              (64, 512, 8), (32, 1024, 8)]  # (block_rows, block_cols, num_warps)
+TILE_SWEEP = [  # (block_rows, block_cols, num_warps)
+    (8, 512, 4), (16, 512, 4), (16, 512, 8), (32, 512, 4), (32, 512, 8), (64, 256, 4), (16, 1024, 8),
+    (64, 512, 8), (32, 1024, 8),
+]
 
 
 def _bits(a: jax.Array) -> jax.Array:
@@ -121,7 +123,7 @@ class Bench:
         if "bit_mismatch" in row:
             msg += f"  mismatches {row['bit_mismatch']}"
         if "error" in row:
-            msg += f"  ERROR {row['error'].splitlines()[-1][:160]}"
+            msg += f"  ERROR {' '.join(row['error'].split())[:300]}"
         print(msg, flush=True)
 
     def run(self, name: str, fn: Callable, *, ref: Callable | None = None, **info: Any) -> None:
@@ -147,8 +149,9 @@ class Bench:
                        gbs=(self.in_bytes + out_bytes) / sec / 1e9)
             if self.copy_gbs:
                 row["frac_copy"] = row["gbs"] / self.copy_gbs
-        except Exception:  # noqa: BLE001 - a failing variant is data, not a reason to stop
-            row["error"] = traceback.format_exc(limit=6)[-4000:]
+        except Exception as e:  # noqa: BLE001 - a failing variant is data, not a reason to stop
+            row["error"] = f"{type(e).__name__}: {e}"[:3000]
+            row["traceback"] = traceback.format_exc()[-6000:]
         self.record(row)
 
 
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(out_dir, "bench_quantize_kernels.md"), "w") as f:
             f.write("| variant | ms | GB/s | of copy | bit-exact | error |\n|---|---|---|---|---|---|\n")
             for r in b.rows:
-                err = r.get("error", "").strip().splitlines()[-1][:120] if "error" in r else ""
+                err = " ".join(r.get("error", "").split())[:160].replace("|", "/")
                 ms = f"{r['ms']:.4f}" if "ms" in r else ""
                 gbs = f"{r['gbs']:.0f}" if "gbs" in r else ""
                 frac = f"{r['frac_copy']:.2f}" if "frac_copy" in r else ""

@@ -348,9 +348,9 @@ def quantize_fused(
     rng: str = "hash",
     div: str = "auto",
     fp4_layout: str = "packed",
-    block_rows: int = 32,
+    block_rows: int = 16,
     block_cols: int = 512,
-    num_warps: int | None = 4,
+    num_warps: int | None = 8,
 ) -> QArray:
     """lowbit.quantize(x, fmt, axis, rounding, key, scale_mode, prescale=...) as one fused kernel.
 

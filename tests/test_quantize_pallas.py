@@ -1,0 +1,198 @@
+"""The fused Pallas quantization kernel (interpret mode on CPU) held bit for bit to lowbit.quantize and to
+the plain-NumPy reference (tests/reference_np.py); stochastic rounding checked for exactness (rng="bits")
+and unbiasedness (rng="hash"); unsupported calls are refused with a pointer to lowbit.quantize.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit
+from tests.reference_np import ref_quantize
+
+
+def _interpret_mode_works() -> str | None:
+    """None if a trivial Pallas kernel runs in interpret mode here, else why not."""
+    try:
+        from jax.experimental import pallas as pl
+
+        def copy(x_ref, o_ref):
+            o_ref[...] = x_ref[...] + 1.0
+
+        out = pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+                             interpret=True)(jnp.zeros((8,), jnp.float32))
+        return None if float(out[0]) == 1.0 else "interpret mode gave a wrong result"
+    except Exception as e:  # noqa: BLE001 - any failure means: no interpret mode on this jax
+        return f"Pallas interpret mode unavailable on jax {jax.__version__}: {type(e).__name__}: {e}"
+
+
+_WHY_NOT = _interpret_mode_works()
+if _WHY_NOT is not None:
+    pytest.skip(_WHY_NOT, allow_module_level=True)
+
+from lowbit.kernels import fused_available, quantize_fused  # noqa: E402
+
+
+def _bits(a) -> np.ndarray:
+    """Raw bits: one uint8 per element for 8-bit and FP4 (code in the low nibble), uint32 for f32."""
+    if a.dtype == jnp.float4_e2m1fn:
+        return np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint4)).astype(np.uint8)
+    a = np.asarray(a)
+    return a.view(np.uint8) if a.dtype.itemsize == 1 else a.view(np.uint32)
+
+
+def _edge_input(dtype) -> np.ndarray:
+    """Random rows plus zeros, NaN/Inf blocks, powers of two, element maxima, huge, tiny and
+    float32-subnormal rows, and exact E2M1/E4M3 midpoints (ties) after scaling (64 x 256)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 256)) * 3).astype(np.float32)
+    x[0] = 0.0
+    x[0, 7] = -0.0
+    x[1, :32] = 448.0 * 2.0**7
+    x[2, 5] = np.nan
+    x[3, 40] = -np.inf
+    x[4] = 2.0 ** rng.integers(-126, 128, 256)
+    x[5] = 1e-40 * np.sign(rng.standard_normal(256))  # f32 subnormal: flushed
+    x[6] *= 1e30
+    x[7] *= 1e-36
+    x[8] = rng.standard_t(1.5, 256)
+    x[9] = np.tile([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], 32) * np.where(np.arange(256) % 3, 1, -1)
+    x[10] = np.tile([448.0, 464.0, 0.5 * 2.0**-9, 1.5 * 2.0**-9, 2.0**-6, 2.0**-7], 43)[:256]
+    x[11] = 1e-38 * rng.standard_normal(256)  # mixes normal and subnormal f32 in one block
+    x[12:20] *= np.exp2(rng.integers(-60, 60, (8, 256)))
+    return x.astype(dtype)
+
+
+# (format, fused kwargs, lowbit.quantize kwargs, input dtype); each checked against both references.
+CASES = [
+    ("mxfp8", {}, {}, np.float32),
+    ("mxfp8", {}, {}, jnp.bfloat16),
+    ("mxfp8", {"scale_mode": "rceil"}, {"scale_mode": "rceil"}, np.float32),
+    ("mxfp8_e5m2", {}, {}, np.float32),
+    ("mxfp4", {}, {}, np.float32),
+    ("mxfp4", {"scale_mode": "rceil", "fp4_layout": "codes"}, {"scale_mode": "rceil"}, np.float32),
+    ("mxfp4", {"prescale": 0.75}, {"prescale": 0.75}, np.float16),
+    ("nvfp4", {}, {}, np.float32),
+    ("nvfp4", {"axis": (0, 1)}, {"axis": (0, 1)}, jnp.bfloat16),
+    ("mxfp8", {"axis": (-2, -1), "block_rows": 64, "block_cols": 64}, {"axis": (-2, -1)}, np.float32),
+]
+
+
+def _case_id(v) -> str:
+    if isinstance(v, dict):
+        return ",".join(f"{k}={w}" for k, w in v.items()) or "-"
+    return v if isinstance(v, str) else np.dtype(v).name
+
+
+@pytest.mark.parametrize(("name", "fused_kw", "ref_kw", "dtype"), CASES, ids=_case_id)
+def test_nearest_is_bit_exact(name, fused_kw, ref_kw, dtype):
+    with np.errstate(over="ignore"):  # float16: the huge rows become Inf blocks (also an edge case)
+        x = np.asarray(jnp.asarray(_edge_input(np.float32).astype(dtype)))
+    q = quantize_fused(jnp.asarray(x), name, interpret=True, **fused_kw)
+    want = lowbit.quantize(jnp.asarray(x), name, **ref_kw)
+    ref = ref_quantize(np.asarray(x, np.float32), name, **ref_kw)
+
+    assert q.data.dtype == want.data.dtype and q.data.shape == x.shape
+    assert q.scale.dtype == want.scale.dtype and q.scale.shape == want.scale.shape
+    assert q.axis == want.axis and q.prescale == want.prescale and q.fmt == want.fmt
+    np.testing.assert_array_equal(_bits(q.data), _bits(want.data))
+    np.testing.assert_array_equal(_bits(q.scale), _bits(want.scale))
+    np.testing.assert_array_equal(_bits(q.data), ref.data_bits)  # independent NumPy spec
+    np.testing.assert_array_equal(_bits(q.scale), ref.scale_bits)
+    if name == "nvfp4":
+        assert _bits(q.tensor_scale) == _bits(want.tensor_scale)
+        assert np.float32(q.tensor_scale) == ref.tensor_scale
+    else:
+        assert q.tensor_scale is None
+
+
+def test_stochastic_with_jax_bits_equals_xla_path():
+    """rng='bits' draws u exactly as jax.random.uniform(key, x.shape): same bits as lowbit.quantize."""
+    x = jnp.asarray(_edge_input(np.float32), jnp.bfloat16)
+    for seed in (1, 2):
+        key = jax.random.key(seed)
+        q = quantize_fused(x, "mxfp4", rounding="stochastic", key=key, rng="bits", prescale=0.75,
+                           interpret=True)
+        want = lowbit.quantize(x, "mxfp4", rounding="stochastic", key=key, prescale=0.75)
+        np.testing.assert_array_equal(_bits(q.data), _bits(want.data))
+        np.testing.assert_array_equal(_bits(q.scale), _bits(want.scale))
+
+
+def test_stochastic_hash_is_unbiased_and_keyed():
+    """E[q] = x with in-kernel hashed bits; the same key repeats, another key differs."""
+    # One 6.0 per block fixes the MX scale at 2^0, so elements keep their value: 2.3 lies 30% of
+    # the way from 2 to 3 on the E2M1 grid, -0.7 lies 40% of the way from -0.5 to -1.0.
+    x = np.full((128, 256), 2.3, np.float32)
+    x[:, 128:] = -0.7
+    x[:, ::32] = 6.0
+    x = jnp.asarray(x)
+    keep = np.ones(x.shape, bool)
+    keep[:, ::32] = False
+
+    def qdq(key):
+        q = quantize_fused(x, "mxfp4", rounding="stochastic", key=key, interpret=True)
+        return np.asarray(lowbit.dequantize(q)), _bits(q.data)
+
+    (v1, b1), (v1_again, b1_again), (v2, b2) = (qdq(jax.random.key(k)) for k in (7, 7, 8))
+    np.testing.assert_array_equal(b1, b1_again)
+    assert (b1 != b2).mean() > 0.2  # fresh key, fresh rounding decisions
+    for v in (v1, v2):
+        for cols, value, low, high in ((slice(0, 128), 2.3, 2.0, 3.0), (slice(128, 256), -0.7, -0.5, -1.0)):
+            got = v[:, cols][keep[:, cols]]
+            assert set(np.unique(got)) <= {low, high}
+            # 124 x 128 draws per half: the mean's sd is <= 0.5 / sqrt(15872) ~ 0.004; allow 5 sd
+            assert abs(got.mean() - value) < 0.02, (value, got.mean())
+            # every quarter of the rows rounds up at the same rate (no stuck or repeating stream)
+            for part in np.array_split(got.reshape(128, -1), 4):
+                assert abs(part.mean() - value) < 0.04
+
+
+def test_agrees_under_outer_jit():
+    x = jnp.asarray(_edge_input(np.float32)[:32, :64])
+    eager = quantize_fused(x, "mxfp8", interpret=True)
+    jitted = jax.jit(lambda v: quantize_fused(v, "mxfp8", interpret=True))(x)
+    np.testing.assert_array_equal(_bits(jitted.data), _bits(lowbit.quantize(x, "mxfp8").data))
+    np.testing.assert_array_equal(_bits(jitted.scale), _bits(eager.scale))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "fmt", "kw"),
+    [
+        ((4, 8, 32), jnp.float32, "mxfp8", {}),  # 3-D
+        ((8, 48), jnp.float32, "mxfp8", {}),  # 48 not a multiple of 32
+        ((64, 32), jnp.float32, "mxfp8", {"axis": 0}),  # blocks along rows
+        ((8, 64), jnp.float32, "mxfp6_e2m3", {}),  # FP6 lives in an FP8 container: XLA path
+        ((8, 64), jnp.float32, "fp8", {}),  # per-tensor stays XLA
+        ((8, 64), jnp.int32, "mxfp8", {}),
+        ((8, 64), jnp.float32, "mxfp8", {"scale_mode": "ceil"}),
+    ],
+)
+def test_unsupported_calls_are_refused(shape, dtype, fmt, kw):
+    x = jnp.zeros(shape, dtype)
+    assert not fused_available(x, fmt, **kw, require_gpu=False)
+    with pytest.raises(ValueError, match="lowbit.quantize|scale_mode"):
+        quantize_fused(x, fmt, interpret=True, **kw)
+
+
+def test_padding_is_left_to_the_xla_path():
+    assert not fused_available(jnp.zeros((8, 64)), "mxfp8", pad=True, require_gpu=False)
+
+
+def test_available_and_argument_errors():
+    x = jnp.zeros((32, 64), jnp.bfloat16)
+    assert fused_available(x, "mxfp8", require_gpu=False)
+    assert fused_available(x, "nvfp4", axis=(0, 1), require_gpu=False)
+    assert not fused_available(jnp.zeros((24, 64)), "nvfp4", axis=(0, 1), require_gpu=False)
+    if jax.default_backend() != "gpu":
+        assert not fused_available(x, "mxfp8")  # the compiled kernel needs a GPU
+    with pytest.raises(ValueError, match="key="):
+        quantize_fused(x, "mxfp8", rounding="stochastic", interpret=True)
+    with pytest.raises(ValueError, match="rounding"):
+        quantize_fused(x, "mxfp8", rounding="up", interpret=True)
+    with pytest.raises(ValueError, match="rng"):
+        quantize_fused(x, "mxfp8", rounding="stochastic", key=jax.random.key(0), rng="philox")
+    with pytest.raises(ValueError, match="unknown format"):
+        quantize_fused(x, "mxfp3")
