@@ -1,0 +1,190 @@
+"""Benchmarks at CPU-tiny sizes (rows with positive times, failures recorded), lowbit.grouped vs
+lax.ragged_dot, and the B200 roofline against a hand computation. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit import bench_gemm, bench_step
+from lowbit.grouped import grouped_matmul
+from lowbit.model import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ok_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"]
+    assert rows, "the benchmark wrote no rows"
+    return rows
+
+
+# ----------------------------------------------------------------------------- lowbit.grouped
+def _ragged_reference(x, w, sizes):
+    """float64 NumPy: row t of group g times w[g]; rows past sum(sizes) are zero."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("sizes,chunk,big", [
+    ([7, 0, 33, 1, 9], 4, 16),      # empty group, group of one, rows past the total
+    ([50, 0, 0, 0, 0], 8, None),    # everything in one group, single chunk size
+    ([0, 0, 0, 0, 55], 3, 7),       # last group only: spill lands in the padding
+    ([11, 11, 11, 11, 11], 64, 64),  # chunk larger than every group
+])
+def test_grouped_matmul_equals_ragged_dot(sizes, chunk, big):
+    rng = np.random.default_rng(0)
+    rows, k, n = 55, 24, 40
+    x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    expected = _ragged_reference(x, w, sizes)
+    got = grouped_matmul(x, w, gs, chunk=chunk, big_chunk=big)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+    got_enk = grouped_matmul(x, jnp.swapaxes(w, 1, 2), gs, rhs_layout="enk", chunk=chunk, big_chunk=big)
+    np.testing.assert_allclose(np.asarray(got_enk), expected, rtol=1e-5, atol=1e-4)
+    ragged = jax.lax.ragged_dot(x, w, gs, precision="highest")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ragged), rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_matmul_gradients_equal_ragged_dot():
+    rng = np.random.default_rng(1)
+    sizes = jnp.asarray([5, 0, 20, 3], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(30, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 16, 12)), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+    grouped = lambda x, w: grouped_matmul(x, w, sizes, chunk=4, big_chunk=8)
+    ours = jax.jit(jax.grad(loss(grouped), (0, 1)))(x, w)
+    ref = jax.grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes, precision="highest")), (0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # rows past the groups get no gradient; an empty expert gets a zero weight gradient
+    assert np.all(np.asarray(ours[0])[28:] == 0) and np.all(np.asarray(ours[1])[1] == 0)
+
+
+def test_grouped_matmul_rejects_bad_input():
+    x, w, gs = jnp.ones((8, 4)), jnp.ones((2, 4, 3)), jnp.array([4, 4])
+    with pytest.raises(ValueError, match="rhs_layout"):
+        grouped_matmul(x, w, gs, rhs_layout="kn")
+    with pytest.raises(ValueError, match="rhs_layout='enk'"):
+        grouped_matmul(x, jnp.ones((2, 3, 5)), gs)
+    with pytest.raises(TypeError, match="integers"):
+        grouped_matmul(x, w, gs.astype(jnp.float32))
+
+
+def test_capacity_matmul_drops_overflow_only():
+    rng = np.random.default_rng(2)
+    sizes = [6, 1, 3]
+    x = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    got = np.asarray(bench_gemm.capacity_matmul(x, jnp.swapaxes(w, 1, 2), jnp.asarray(sizes), 4, jnp.float32))
+    expected = _ragged_reference(x, w, sizes)
+    expected[4:6] = 0  # group 0 keeps its first 4 rows (capacity 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_zipf_group_sizes_sum_and_skew():
+    sizes = bench_gemm.zipf_group_sizes(1000, 8, 2, exponent=1.0, seed=0)
+    assert sizes.sum() == 2000 and sizes.max() <= 1000  # k distinct experts per token
+    assert sizes[0] > sizes[-1]  # expert 0 is the most popular
+
+
+# ----------------------------------------------------------------------------- tiny benchmark runs
+def test_gemm_tiny_rows(tmp_path):
+    out = tmp_path / "gemm.json"
+    code = bench_gemm.main(["gemm", "--size", "tiny", "--shapes", "0", "--recipes", "bf16,fp8",
+                            "--refs", "bf16,fp8,mxfp8", "--iters", "1", "--json", str(out)])
+    assert code == 0
+    rows = _ok_rows(out)
+    by_variant = {(r["variant"], r["backend"]): r for r in rows}
+    for key in [("bf16", "-"), ("fp8", "emulate"), ("fp8", "fp8"), ("ref bf16 fwd (TN)", "-")]:
+        row = by_variant[key]
+        assert row["status"] == "ok" and row["ms"] > 0 and row["tflops"] > 0
+    assert by_variant[("bf16", "-")]["ratio"] == 1.0
+    # scaled_dot_general has no CPU lowering: the failure is a recorded row, not the end of the run
+    failed = by_variant[("ref jax.nn.scaled_dot_general mxfp8 fwd", "-")]
+    assert failed["status"] == "error" and failed["error"]
+
+
+def test_gemm_time_budget_skips(tmp_path):
+    out = tmp_path / "gemm.json"
+    bench_gemm.main(["gemm", "--size", "tiny", "--shapes", "0", "--recipes", "bf16", "--refs", "none",
+                     "--time-budget-s", "0", "--json", str(out)])
+    rows = _ok_rows(out)
+    assert all(r["status"] == "skipped" for r in rows)
+
+
+def test_grouped_tiny_rows(tmp_path):
+    out = tmp_path / "grouped.json"
+    code = bench_gemm.main(["grouped", "--size", "tiny", "--configs", "e8k2", "--dtypes", "bf16,fp8",
+                            "--variants", "dense,ragged_dot,capacity,grouped", "--chunks", "16:64",
+                            "--passes", "fwd",
+                            "--iters", "1", "--json", str(out)])
+    assert code == 0
+    rows = _ok_rows(out)
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r.get("error") for r in rows]
+    grouped = [r for r in rows if r["variant"].startswith("lowbit.grouped") and r["pass"] == "fwd"]
+    assert len(grouped) == 2  # bf16 and fp8
+    assert all(r["relerr_vs_ragged"] < 1e-2 for r in grouped)  # dropless: same output as ragged_dot
+    capacity = [r for r in rows if r["variant"].startswith("capacity") and r["pass"] == "fwd"]
+    assert capacity[0]["dropped_at_cf"] > 0 and capacity[0]["relerr_vs_ragged"] > 1e-2  # Zipf routing drops
+
+
+def test_step_tiny_rows(tmp_path):
+    out = tmp_path / "step.json"
+    code = bench_step.main(["step", "--size", "tiny", "--configs", "tiny", "--recipes", "bf16",
+                            "--steps", "2",
+                            "--override", "num_decoder_layers=1", "--override", "ici_fsdp=1",
+                            "--json", str(out)])
+    assert code == 0
+    row = _ok_rows(out)[0]
+    assert row["status"] == "ok", row.get("error")
+    assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["ratio"] == 1.0
+    assert row["temp_size_in_bytes"] >= 0 and np.isfinite(row["loss"])
+
+
+def test_blackwell_aot_cpu_says_it_needs_cuda():
+    command = [sys.executable, str(REPO / "tools" / "blackwell_aot.py"), "--out", "/tmp/aot-test"]
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA jaxlib" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- roofline
+def test_roofline_matches_hand_computation():
+    # One dense layer, emb 32, MLP 64, 2 heads x 16 (no GQA), vocab 256, T = 16.
+    cfg = ModelConfig(vocab_size=256, max_target_length=16, emb_dim=32, mlp_dim=64, num_query_heads=2,
+                      num_kv_heads=2, head_dim=16, num_decoder_layers=1, num_experts=0)
+    hw = bench_step.B200
+    body = 2 * (4 * 32 * 32 + 3 * 32 * 64)  # q, k, v, o + wi_0, wi_1, wo forward FLOPs per token
+    head = 2 * 32 * 256  # logits_dense: kept in BF16 by the recipe's rules
+    attention = 3 * 2 * 16 * 32  # causal QK^T + PV (2·T·H·Dh), fwd + 2x bwd, BF16
+    bf16 = bench_step.roofline(cfg, "bf16", hw, tokens_per_step=16)
+    assert bf16["gemm_s"] == pytest.approx((3 * body + 3 * head + attention) / hw.bf16, rel=1e-12)
+    mxfp8 = bench_step.roofline(cfg, "mxfp8", hw, tokens_per_step=16)
+    assert mxfp8["gemm_s"] == pytest.approx(3 * body / hw.fp8 + (3 * head + attention) / hw.bf16, rel=1e-12)
+    mxfp4 = bench_step.roofline(cfg, "mxfp4", hw, tokens_per_step=16)  # forward BF16, backward FP4
+    expected = body / hw.bf16 + 2 * body / hw.fp4 + (3 * head + attention) / hw.bf16
+    assert mxfp4["gemm_s"] == pytest.approx(expected, rel=1e-12)
+    # nvfp4 keeps the last ceil(0.15 * 1) = 1 layer in BF16: all GEMMs at the BF16 rate here.
+    nvfp4 = bench_step.roofline(cfg, "nvfp4", hw, tokens_per_step=16)
+    assert nvfp4["gemm_s"] == pytest.approx(bf16["gemm_s"], rel=1e-12)
+    # The optimizer's per-step bytes are amortised over the step's tokens.
+    from lowbit.model import num_params
+    half_batch = bench_step.roofline(cfg, "bf16", hw, tokens_per_step=8)
+    extra = half_batch["bytes_per_token"] - bf16["bytes_per_token"]
+    assert extra == pytest.approx(num_params(cfg) * bench_step.OPTIMIZER_BYTES_PER_PARAM * (1 / 8 - 1 / 16))
+    assert bf16["memory_s"] == pytest.approx(bf16["bytes_per_token"] / hw.hbm)
