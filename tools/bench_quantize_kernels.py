@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=50, help="back-to-back calls per timed loop")
     p.add_argument("--repeats", type=int, default=5, help="timed loops; the median is reported")
     p.add_argument("--buffers", type=int, default=3, help="input buffers rotated through the loop")
-    p.add_argument("--budget-s", type=float, default=250.0, help="skip variants after this many seconds")
+    p.add_argument("--budget-s", type=float, default=230.0, help="skip variants after this many seconds")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-size / option sweep")
     args = p.parse_args(argv)
 
