@@ -91,30 +91,34 @@ def _mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def _div_rn(a: jax.Array | float, b: jax.Array | float) -> jax.Array:
-    """a / b correctly rounded (RNE) for a >= 0 and normal b > 0, by integer long division.
+    """a / b correctly rounded (RNE) for a >= 0 and normal b > 0, exact on every backend.
 
     XLA's float division is neither stable nor IEEE across backends (it rewrites a / c into
     a * (1/c), and the GPU's f32 divide is not correctly rounded), so the few per-block and
-    per-tensor divisions of the NVFP4/FP8 definitions are done on the mantissas in int32.
-    Subnormal quotients flush to zero (callers clamp them away).
+    per-tensor divisions of the NVFP4/FP8 definitions are done on the 24-bit mantissas: a float
+    estimate of the quotient, its exact remainder in wrapping int32 arithmetic, a correction,
+    then round-half-even. Subnormal quotients flush to zero (callers clamp them away).
     """
     a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     a_bits = lax.bitcast_convert_type(a, jnp.int32)
     b_bits = lax.bitcast_convert_type(b, jnp.int32)
     a_man = (a_bits & 0x7FFFFF) | 0x800000
     b_man = (b_bits & 0x7FFFFF) | 0x800000
-    exp = ((a_bits >> 23) & 0xFF) - ((b_bits >> 23) & 0xFF) + 127
-    small = a_man < b_man  # normalise so the quotient lies in [1, 2)
-    rem = jnp.where(small, a_man << 1, a_man)
-    exp = exp - small.astype(jnp.int32)
-    quot = jnp.zeros_like(rem)
-    for _ in range(24):  # 24 quotient bits: the leading one and 23 mantissa bits
-        bit = (rem >= b_man).astype(jnp.int32)
-        quot = (quot << 1) | bit
-        rem = (rem - bit * b_man) << 1
-    guard = rem >= b_man
-    sticky = (rem - guard.astype(jnp.int32) * b_man) != 0
-    quot = quot + (guard & (sticky | ((quot & 1) == 1))).astype(jnp.int32)
+    small = a_man < b_man  # normalise so the quotient a_man / b_man lies in [1, 2)
+    a_man = jnp.where(small, a_man << 1, a_man)
+    exp = ((a_bits >> 23) & 0xFF) - ((b_bits >> 23) & 0xFF) + 127 - small.astype(jnp.int32)
+    # quot = floor(a_man * 2^23 / b_man) in [2^23, 2^24): estimate within a few units, then fix
+    # it with the remainder, which is small, so wrapping int32 products give it exactly.
+    estimate = a_man.astype(jnp.float32) / b_man.astype(jnp.float32) * np.float32(2.0**23)
+    quot = jnp.clip(estimate.astype(jnp.int32), 1 << 23, (1 << 24) - 1)
+    rem = (a_man << 23) - quot * b_man
+    for _ in range(4):  # estimate error in [-3, 2] units even for a 2-ulp divide; one unit a step
+        low, high = rem < 0, rem >= b_man
+        quot = quot - low.astype(jnp.int32) + high.astype(jnp.int32)
+        rem = rem + jnp.where(low, b_man, 0) - jnp.where(high, b_man, 0)
+    twice_rem = rem << 1
+    round_up = (twice_rem > b_man) | ((twice_rem == b_man) & ((quot & 1) == 1))
+    quot = quot + round_up.astype(jnp.int32)
     carry = quot >> 24
     quot, exp = jnp.where(carry == 1, quot >> 1, quot), exp + carry
     bits = (exp << 23) | (quot & 0x7FFFFF)
