@@ -50,7 +50,12 @@ QUANTIZE_CASES = (
 HADAMARD_BLOCKS = (16, 32, 64, 128, 256)
 HADAMARD_METHODS = ("fwht", "matmul")
 # Subcommands implemented in other modules: name -> module with SUBCOMMANDS and run_and_report.
-EXTENSIONS = {"gemm": "lowbit.bench_gemm", "grouped": "lowbit.bench_gemm", "step": "lowbit.bench_step"}
+EXTENSIONS = {
+    "gemm": "lowbit.bench_gemm",
+    "grouped": "lowbit.bench_gemm",
+    "step": "lowbit.bench_step",
+    "roofline": "lowbit.bench_step",
+}
 
 
 # ----------------------------------------------------------------------------- timing

@@ -3,7 +3,7 @@
 A linear layer is three GEMMs (DESIGN "Numerics"): fprop Y = X·W (contract features), dgrad
 dX = dY·Wᵀ (contract out-features), wgrad dW = Xᵀ·dY (contract tokens). Every operand is
 quantized in blocks along the contraction axis of the GEMM that consumes it, after an optional
-random Hadamard transform shared by both operands of that GEMM: (A H S)(S Hᵀ B) = A·B.
+random Hadamard transform shared by both operands of that GEMM: (A S H)(Hᵀ S B) = A·B.
 
 Internally every GEMM runs in the canonical "TN" form lhs [B, M, K] x rhs [B, N, K] -> [B, M, N]
 (contracting dim last in both operands: what cuBLASLt FP8 and cuDNN block-scaled GEMMs want), so
@@ -108,7 +108,11 @@ def _reusable(shared: OperandConfig, *passes: PassConfig) -> bool:
 
 
 def _gemm(static: _Static, lhs: Operand, rhs: Operand, out_dtype: Any) -> jax.Array:
-    return get_gemm(static.backend)(lhs, rhs, out_dtype=out_dtype,
+    # A pass the recipe keeps in high precision (e.g. mxfp4's bf16 fprop) is a plain GEMM on any backend.
+    backend = static.backend
+    if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+        backend = "emulate"
+    return get_gemm(backend)(lhs, rhs, out_dtype=out_dtype,
                                     compute_dtype=jnp.dtype(static.recipe.compute_dtype),
                                     precision=static.precision)
 

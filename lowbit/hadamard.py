@@ -23,7 +23,7 @@ MATRIX_SIZES = tuple(2**k for k in range(1, 9))  # sizes hadamard_matrix builds:
 # "auto" uses the dense per-block GEMM up to this block size and the butterfly above it. Chosen from
 # `python -m lowbit.bench hadamard` (docs/benchmarks.md): the GEMM maps onto tensor cores / vector
 # units, the butterfly's log2(b) passes win only once the dense b x b matrix costs O(b) per element.
-AUTO_MATMUL_MAX_BLOCK = 128
+AUTO_MATMUL_MAX_BLOCK = 256  # H100: matmul 3.9-6.1x faster than fwht at every block 16..256
 
 
 # ----------------------------------------------------------------------------- matrices and signs
@@ -173,7 +173,7 @@ def hadamard(x: jax.Array, axis: int = -1, block: int = 32, method: str = "auto"
 
     H_b = Sylvester Hadamard / sqrt(b) (symmetric, orthonormal), so this is its own inverse.
     method: "fwht" (butterfly, log2(b) add/sub passes, O(n log b)), "matmul" (dense per-block GEMM,
-    fast on tensor cores for small blocks), "auto" (matmul for block <= 128, else fwht; the threshold
+    fast on tensor cores for small blocks), "auto" (matmul for block <= 256, else fwht; the threshold
     comes from `python -m lowbit.bench hadamard`). Output dtype = input dtype; 16-bit inputs are
     computed in float32.
     """

@@ -52,11 +52,10 @@ def smooth(values: Sequence[float], weight: float) -> np.ndarray:
 def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, metric: str = "loss",
               show_val: bool = True, smoothing: float = 0.9, log_x: bool = False) -> Path:
     """Draw `metric` of every run (smoothed) and their val_loss points; save to `output`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone (notebooks)
 
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure = Figure(figsize=(8, 5))
+    axes = figure.subplots()
     for index, run_dir in enumerate(run_dirs):
         color = f"C{index % 10}"
         train_rows, val_rows = read_metrics(run_dir)
@@ -79,7 +78,6 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, metric: str
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)
-    plt.close(figure)
     return output
 
 

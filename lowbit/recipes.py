@@ -97,7 +97,7 @@ class PassConfig:
     """One GEMM's operands (lhs, rhs; see PASS_OPERANDS) and its random Hadamard transform.
 
     hadamard_block b: both operands are multiplied by the same orthonormal H_b·diag(s) along the
-    contraction axis before quantization, (A H S)(S Hᵀ B) = A·B; s is fresh per call.
+    contraction axis before quantization, (A S H)(Hᵀ S B) = A·B; s is fresh per call.
     """
 
     lhs: OperandConfig = OperandConfig()

@@ -154,7 +154,7 @@ class ModelConfig:
 # not modelled.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, max_target_length=128, emb_dim=64, mlp_dim=128, moe_mlp_dim=128,
-                 num_query_heads=4, num_kv_heads=2, head_dim=16, num_decoder_layers=2,
+                 num_query_heads=4, num_kv_heads=2, head_dim=32, num_decoder_layers=2,
                  num_experts=4, num_experts_per_tok=2),
     "small": dict(vocab_size=256, max_target_length=512, emb_dim=512, mlp_dim=2048, moe_mlp_dim=960,
                   num_query_heads=8, num_kv_heads=4, head_dim=64, num_decoder_layers=8,
