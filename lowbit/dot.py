@@ -66,6 +66,10 @@ def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tu
         return a
     if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         a = a.astype(jnp.float32)
+    # Materialise transposed views before quantizing: XLA fused the transpose into the quantize
+    # and read along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead
+    # of 12.5 ms (tools/profile_emulate.py, docs/benchmarks.md). A no-op for contiguous inputs.
+    a = lax.optimization_barrier(a)
     return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
                     key=key if cfg.rounding == "stochastic" else None,
                     scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
