@@ -4,6 +4,7 @@ capacity dropping, auxiliary losses, analytic parameter/FLOP counts, remat, and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -39,9 +40,15 @@ def f32_tiny(**overrides) -> ModelConfig:
     return tiny(dtype="float32", **overrides)
 
 
+@functools.cache
+def _jitted_forward(graphdef):
+    """One jitted forward per model structure: calls on the same model reuse its compiled program."""
+    return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+
+
 def forward(model: Decoder, tokens: jax.Array):
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    return _jitted_forward(graphdef)(state, tokens)
 
 
 def random_tokens(seed: int, batch: int, length: int, vocab: int = 256) -> jax.Array:
