@@ -43,6 +43,8 @@ from lowbit.train import (
     train,
 )
 
+# One xdist worker runs this whole file (`--dist loadfile` in pyproject.toml): train() keeps its
+# compiled step per (model, recipe, mesh) in-process, so runs of the same program compile once.
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["max_target_length=32", "global_batch_size=8", "eval_every=0", "checkpoint_every=0", "warmup_steps=5"]
 
