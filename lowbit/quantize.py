@@ -299,7 +299,7 @@ def _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, prescale) -> QAr
         block_scale = round_to_grid(block_scale, get_format("fp8"))  # RNE onto E4M3
         # torchao: x * ((1 / tensor_scale) / block_scale), one reciprocal per block.
         recip = _div_rn(_div_rn(1.0, tensor_scale), block_scale)
-        # Materialise the per-block reciprocal so XLA does not redo the long division per element.
+        # Materialise the per-block reciprocal so XLA does not redo the exact division per element.
         recip, block_scale, poisoned = lax.optimization_barrier((recip, block_scale, poisoned))
         y = xb * recip
         scale = jnp.where(poisoned, jnp.nan, block_scale).astype(fmt.scale_dtype)
