@@ -139,22 +139,26 @@ def _qmatmul_fwd(x, w, key, static: _Static):
     qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
     y = _gemm(static, qx, qwt, static.out_dtype)
 
-    # dgrad operand W [B,K,N] blocked along N (out-features): reuse fprop's if orientation-free.
-    if dgrad.rhs == fprop.rhs and _reusable(fprop.rhs, fprop, dgrad):
-        w_dgrad = _swap_last(qwt)
-    else:
-        _, k_wd, k_sd = _pass_keys(key, "dgrad")
-        w_d = w if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, w, w)[0]
-        w_dgrad = _quantize_operand(w_d, dgrad.rhs, k_wd, _tn_axis(dgrad.rhs), pad)
-    # wgrad operand Xᵀ [B,K,M] blocked along M (tokens).
-    if wgrad.lhs == fprop.lhs and _reusable(fprop.lhs, fprop, wgrad):
-        x_wgrad = _swap_last(qx)
-    else:
-        k_xw, _, k_sw = _pass_keys(key, "wgrad")
-        xt = jnp.swapaxes(x, 1, 2)
-        xt = xt if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, xt, xt)[0]
-        x_wgrad = _quantize_operand(xt, wgrad.lhs, k_xw, _tn_axis(wgrad.lhs), pad)
+    # dgrad operand W [B,K,N] blocked along N (out-features); wgrad operand Xᵀ [B,K,M] along M (tokens).
+    w_dgrad = _next_pass_operand(qwt, fprop, fprop.rhs, dgrad, "dgrad", "rhs", w, key, pad)
+    x_wgrad = _next_pass_operand(qx, fprop, fprop.lhs, wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2),
+                                 key, pad)
     return y, (x_wgrad, w_dgrad, key)
+
+
+def _next_pass_operand(prev_q: Operand, prev_pass: PassConfig, prev_cfg: OperandConfig,
+                       cur_pass: PassConfig, pass_name: str, side: str, a: jax.Array, key: Any,
+                       pad: bool) -> Operand:
+    """Operand `side` of `cur_pass`: `prev_q` transposed when its quantization is orientation-free
+    (same config, no RHT, per-tensor or square tiles), else `a` (already in cur_pass's layout)
+    quantized along cur_pass's contraction axis, after cur_pass's RHT if any."""
+    cfg = getattr(cur_pass, side)
+    if cfg == prev_cfg and _reusable(prev_cfg, prev_pass, cur_pass):
+        return _swap_last(prev_q)
+    k_lhs, k_rhs, k_rht = _pass_keys(key, pass_name)
+    if cur_pass.hadamard_block is not None:
+        a = _rht_pair(cur_pass, k_rht, a, a)[0]
+    return _quantize_operand(a, cfg, k_lhs if side == "lhs" else k_rhs, _tn_axis(cfg), pad)
 
 
 def _qmatmul_bwd(static: _Static, residuals, dy):
@@ -168,13 +172,8 @@ def _qmatmul_bwd(static: _Static, residuals, dy):
     q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
     dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     # wgrad: dW [B,K,N] = Xᵀ [B,K,M] · dYᵀ [B,N,M], both blocked along M (tokens).
-    if wgrad.rhs == dgrad.lhs and _reusable(dgrad.lhs, dgrad, wgrad):
-        q_dyt = _swap_last(q_dy)
-    else:
-        _, k_dyw, k_sw = _pass_keys(key, "wgrad")
-        dyt = jnp.swapaxes(dy, 1, 2)
-        dyt = dyt if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, dyt, dyt)[0]
-        q_dyt = _quantize_operand(dyt, wgrad.rhs, k_dyw, _tn_axis(wgrad.rhs), pad)
+    q_dyt = _next_pass_operand(q_dy, dgrad, dgrad.lhs, wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2),
+                               key, pad)
     dw = _gemm(static, x_wgrad, q_dyt, static.rhs_dtype)
     return dx, dw, None
 

@@ -195,21 +195,22 @@ def signed_hadamard(x: jax.Array, signs: jax.Array, axis: int = -1, block: int =
     The same sign vector serves every block. Transform both operands of a GEMM along its contraction
     axis with the same `signs` and their product is unchanged: (A Q)(Qᵀ B) = A B, Q = diag(s) H_b.
     """
-    block = _check_block(block)
-    x, axis = _check_input(x, axis, block)
-    method = _check_method(method, block)
-    signs = _check_signs(signs, block)
-    return _transform_jit(x, signs, axis=axis, block=block, method=method, signs_first=True)
+    return _signed_transform(x, signs, axis, block, method, signs_first=True)
 
 
 def inverse_signed_hadamard(y: jax.Array, signs: jax.Array, axis: int = -1, block: int = 32,
                             method: str = "auto") -> jax.Array:
     """Inverse of `signed_hadamard`: y_blk @ (diag(s) H_b)ᵀ = y_blk @ H_b @ diag(s) (H_b symmetric)."""
+    return _signed_transform(y, signs, axis, block, method, signs_first=False)
+
+
+def _signed_transform(x, signs, axis: int, block: int, method: str, *, signs_first: bool) -> jax.Array:
+    """Validate the arguments, then x_blk @ diag(s) @ H_b (signs_first) or x_blk @ H_b @ diag(s)."""
     block = _check_block(block)
-    y, axis = _check_input(y, axis, block)
+    x, axis = _check_input(x, axis, block)
     method = _check_method(method, block)
     signs = _check_signs(signs, block)
-    return _transform_jit(y, signs, axis=axis, block=block, method=method, signs_first=False)
+    return _transform_jit(x, signs, axis=axis, block=block, method=method, signs_first=signs_first)
 
 
 def random_hadamard(x: jax.Array, key: jax.Array, axis: int = -1, block: int = 32,
