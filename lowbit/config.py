@@ -21,8 +21,7 @@ import yaml
 
 from lowbit.data import DataConfig
 from lowbit.model.config import ModelConfig
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
+from lowbit.resources import shipped_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +109,7 @@ class Config:
 
 def config_dir() -> Path:
     """`lowbit/_data/configs` in an installed wheel, else the repository's `configs/`."""
-    installed = _PACKAGE_DIR / "_data" / "configs"
-    return installed if installed.is_dir() else _PACKAGE_DIR.parent / "configs"
+    return shipped_dir("configs")
 
 
 def list_configs() -> dict[str, str]:

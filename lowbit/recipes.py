@@ -20,6 +20,7 @@ import yaml
 
 from lowbit.formats import FORMATS, get_format
 from lowbit.quantize import ROUNDINGS, SCALE_MODES
+from lowbit.resources import shipped_dir
 
 BACKENDS = ("auto", "emulate", "fp8", "native")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
@@ -275,9 +276,7 @@ def _pass_from_dict(data: Any, where: str) -> PassConfig:
 # --------------------------------------------------------------------- shipped recipes
 def recipes_dir() -> Path:
     """`lowbit/_data/recipes` in an installed wheel, else `<repo>/recipes` next to the package."""
-    package = Path(__file__).resolve().parent
-    installed = package / "_data" / "recipes"
-    return installed if installed.is_dir() else package.parent / "recipes"
+    return shipped_dir("recipes")
 
 
 @functools.cache
