@@ -90,21 +90,20 @@ class MoeExperts(nnx.Module):
 
     def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Rows of x_sorted[T*k, emb] grouped by expert (group_sizes[E]) -> [T*k, emb]."""
-        wi_0, wi_1, wo = self._weights()
-        x_sorted = x_sorted.astype(self.dtype)
-        gate = checkpoint_name(self.ragged_dot(x_sorted, wi_0, group_sizes), "moe_wi_0")
-        up = checkpoint_name(self.ragged_dot(x_sorted, wi_1, group_sizes), "moe_wi_1")
-        hidden = (jax.nn.silu(gate) * up).astype(self.dtype)
-        return checkpoint_name(self.ragged_dot(hidden, wo, group_sizes), "moe_wo")
+        return self._swiglu(x_sorted, lambda a, w: self.ragged_dot(a, w, group_sizes))
 
     def batched(self, buffer: jax.Array) -> jax.Array:
         """Capacity buffer [E, C, emb] -> [E, C, emb], one GEMM per expert via the batch axis."""
+        return self._swiglu(buffer, lambda a, w: self.dot_general(a, w, EXPERT_BATCHED_DIMS))
+
+    def _swiglu(self, x: jax.Array, matmul) -> jax.Array:
+        """wo(silu(x wi_0) * (x wi_1)) with each expert GEMM done by `matmul(a, w)` (a hook)."""
         wi_0, wi_1, wo = self._weights()
-        buffer = buffer.astype(self.dtype)
-        gate = checkpoint_name(self.dot_general(buffer, wi_0, EXPERT_BATCHED_DIMS), "moe_wi_0")
-        up = checkpoint_name(self.dot_general(buffer, wi_1, EXPERT_BATCHED_DIMS), "moe_wi_1")
+        x = x.astype(self.dtype)
+        gate = checkpoint_name(matmul(x, wi_0), "moe_wi_0")
+        up = checkpoint_name(matmul(x, wi_1), "moe_wi_1")
         hidden = (jax.nn.silu(gate) * up).astype(self.dtype)
-        return checkpoint_name(self.dot_general(hidden, wo, EXPERT_BATCHED_DIMS), "moe_wo")
+        return checkpoint_name(matmul(hidden, wo), "moe_wo")
 
 
 def dropless_dispatch(experts: MoeExperts, x: jax.Array, expert_index: jax.Array) -> jax.Array:
