@@ -546,13 +546,18 @@ def run_and_report(args: argparse.Namespace) -> int:
     return 0 if any(r.get("status") == "ok" for r in runner.rows) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.bench_gemm", description=__doc__.split("\n")[0])
+def cli_main(prog: str, doc: str, subcommands: dict, run: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None) -> int:
+    """Parse `argv` for the given subcommands and run them (shared by bench_gemm and bench_step)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS.values():
+    for add in subcommands.values():
         add(subparsers)
-    args = parser.parse_args(argv)
-    return run_and_report(args)
+    return run(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main("python -m lowbit.bench_gemm", __doc__, SUBCOMMANDS, run_and_report, argv)
 
 
 if __name__ == "__main__":

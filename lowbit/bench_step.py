@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lowbit.bench_gemm import Runner, default_json, enable_compilation_cache, error_text, parse_list
+from lowbit.bench_gemm import Runner, cli_main, default_json, enable_compilation_cache, error_text, parse_list
 
 STEP_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 # name: (shipped config, key=value overrides). moe-1.8b: 1.85B parameters (0.64B active), 8 layers,
@@ -453,11 +453,7 @@ def run_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit.bench_step", description=__doc__.split("\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS.values():
-        add(subparsers)
-    return run_and_report(parser.parse_args(argv))
+    return cli_main("python -m lowbit.bench_step", __doc__, SUBCOMMANDS, run_and_report, argv)
 
 
 if __name__ == "__main__":
