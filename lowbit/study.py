@@ -1,11 +1,13 @@
 """Recipe study: train one config under several recipes and compare the loss curves.
 
 `python -m lowbit.study --config small --steps 2000 --workdir runs/study [--recipes bf16,nvfp4]
-[--time-budget-s 540] [key=value ...]` trains every recipe with the same seed (same initial
-weights) and the same data order, each in WORKDIR/<recipe>. Calls resume: finished recipes are
-skipped, a partial one continues from its checkpoint, and `--time-budget-s` stops cleanly (the
-step finishes and is saved), so a study can be chained over several time-limited jobs. When every
-recipe is done it writes WORKDIR/summary.{json,md} and WORKDIR/curves.png.
+[--jobs 9] [--time-budget-s 540] [key=value ...]` trains every recipe with the same seed (same
+initial weights) and the same data order, each in WORKDIR/<recipe>. Calls resume: finished recipes
+are skipped, a partial one continues from its checkpoint, and `--time-budget-s` stops cleanly (the
+step finishes and is saved), so a study can be chained over several time-limited jobs. `--jobs N`
+trains N recipes at once in child processes (log: WORKDIR/<recipe>.log) sharing the accelerator:
+their compilations overlap and a small model's GEMMs leave the GPU room. When every recipe is
+done it writes WORKDIR/summary.{json,md} and WORKDIR/curves.png.
 
 Gap to bf16: (loss_recipe - loss_bf16) / loss_bf16, on the final validation loss and on the
 final train loss (mean of the last `TAIL` logged train losses, which damps step-to-step noise).
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -40,8 +44,8 @@ def completed_steps(run_dir: Path) -> int:
 
 
 def run_study(config: Config, recipes: Sequence[str], workdir: Path,
-              time_budget_s: float | None = None) -> dict[str, Any] | None:
-    """Train the recipes that are not finished yet; the summary once all are, else None."""
+              time_budget_s: float | None = None, write: bool = True) -> dict[str, Any] | None:
+    """Train the recipes that are not finished yet; the summary once all are (and `write`), else None."""
     from lowbit.train import train  # jax and the model load only when there is work
 
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
@@ -55,12 +59,44 @@ def run_study(config: Config, recipes: Sequence[str], workdir: Path,
         print(json.dumps(result), flush=True)
         if result["stopped"] != "completed":
             break
-    if any(completed_steps(workdir / r) < config.train.steps for r in recipes):
+    if not write or any(completed_steps(workdir / r) < config.train.steps for r in recipes):
         return None
     summary = summarize(workdir, recipes, config)
     write_summary(summary, workdir)
     plot_runs([workdir / r for r in recipes], workdir / "curves.png")
     return summary
+
+
+def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], jobs: int,
+             time_budget_s: float | None = None) -> dict[str, int]:
+    """Train each recipe in its own `python -m lowbit.study --recipes R` child, `jobs` at a time.
+
+    Children get XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set) so that several share one GPU's
+    memory, and the time left of the budget. Returns each child's exit code.
+    """
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    workdir.mkdir(parents=True, exist_ok=True)
+    pending, running, codes = list(recipes), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            recipe = pending.pop(0)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            budget = [] if left is None else ["--time-budget-s", f"{left:.0f}"]
+            argv = [sys.executable, "-m", "lowbit.study", "--recipes", recipe, "--no-summary",
+                    *budget, *child_args]
+            log = open(workdir / f"{recipe}.log", "ab")  # noqa: SIM115 (closed when the child ends)
+            running[recipe] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        for recipe, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                codes[recipe] = proc.returncode
+                del running[recipe]
+                steps = completed_steps(workdir / recipe)
+                print(f"{recipe}: exit {proc.returncode}, {steps} steps", flush=True)
+        time.sleep(1.0)
+    return codes
 
 
 def summarize(workdir: Path, recipes: Sequence[str], config: Config) -> dict[str, Any]:
@@ -119,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated recipes (default: {','.join(STUDY_RECIPES)})")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="stop cleanly (save) after this many seconds; call again to continue")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="recipes trained at once, each in its own process (default: 1, in this one)")
+    # set for --jobs children: train only, the parent summarizes
+    parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
@@ -131,10 +171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lowbit.recipes import get_recipe
         config = load_config(args.config, overrides)
         recipes = [get_recipe(name).name for name in args.recipes.split(",") if name]
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except ValueError as error:
         parser.print_usage(sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.no_summary:  # a --jobs child: train, leave the summary to the parent
+        run_study(config, recipes, workdir, args.time_budget_s, write=False)
+        return 0
+    if args.jobs > 1:
+        child_args = ["--config", args.config, "--workdir", str(workdir), *overrides]
+        todo = [r for r in recipes if completed_steps(workdir / r) < config.train.steps]
+        run_jobs(todo, workdir, child_args, args.jobs, args.time_budget_s)
+        args.time_budget_s = 0.0  # the children did the training; only summarize below
     summary = run_study(config, recipes, workdir, args.time_budget_s)
     if summary is None:
         done = {r: completed_steps(workdir / r) for r in recipes}

@@ -363,3 +363,21 @@ def test_study_resumes_a_stopped_recipe_and_summarizes(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["recipes"]["fp8"]["steps"] == 6
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert run_study(config, ["bf16", "fp8"], tmp_path) == summary  # nothing left to train
+
+
+def test_study_jobs_trains_recipes_in_child_processes_with_identical_results(tmp_path):
+    """--jobs N runs each recipe in its own process: same losses as one after another in this one."""
+    from lowbit.study import main as study_main
+    from lowbit.study import run_study
+
+    settings = (*FAST, "steps=4", "eval_every=2", "eval_batches=1")
+    sequential = run_study(load_config("tiny", settings), ["bf16", "fp8"], tmp_path / "seq")
+    assert study_main(["--config", "tiny", "--workdir", str(tmp_path / "par"), "--recipes", "bf16,fp8",
+                       "--jobs", "2", *settings]) == 0
+    parallel = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert parallel["recipes"] == sequential["recipes"]
+    for recipe in ("bf16", "fp8"):
+        losses = [[r["loss"] for r in read_rows(tmp_path / run / recipe)[0]] for run in ("par", "seq")]
+        assert losses[0] == losses[1] and len(losses[0]) == 4
+        assert (tmp_path / "par" / f"{recipe}.log").is_file()
+    assert study_main(["--config", "tiny", "--workdir", str(tmp_path), "--jobs", "0"]) == 2
