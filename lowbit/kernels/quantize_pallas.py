@@ -4,6 +4,11 @@ Same numerics as lowbit.quantize (OCP MX v1.0 sec. 6.3 FLOOR, NVIDIA RCEIL, NVFP
 with correctly rounded divisions): for nearest rounding the bits are identical. Elements are rounded
 onto the grid with integer RNE on the float32 bits, ulp(y) = 2^(max(E(|y|), emin) - mbits), and the
 element code is written directly as ((max(E, emin) - emin) << mbits) + rint(|y| / ulp) | sign.
+
+Used automatically: lowbit's GEMMs (dot_general, einsum, ragged_dot) quantize through
+lowbit.kernels.dispatch, which runs this kernel on a single GPU for round-to-nearest ("auto", the
+default) and falls back to lowbit.quantize where the kernel cannot take a call; see
+set_quantize_impl / $LOWBIT_QUANTIZE_IMPL there. It can also be called directly as quantize_fused.
 """
 
 from __future__ import annotations

@@ -1,0 +1,202 @@
+"""Which implementation quantizes the operands of lowbit's GEMMs: the XLA reference or the fused kernel.
+
+One process-wide switch, `set_quantize_impl("auto" | "xla" | "fused")`, default from the environment
+variable LOWBIT_QUANTIZE_IMPL (else "auto"). Both implementations give the same bits (the fused
+kernel is held to lowbit.quantize bit for bit), so the switch only changes speed, never numerics:
+
+- "xla": always lowbit.quantize (XLA ops).
+- "auto": the fused Pallas/Triton kernel (lowbit.kernels.quantize_pallas) for round-to-nearest on a
+  single-GPU process; lowbit.quantize everywhere else. Stochastic rounding stays on XLA: the kernel's
+  in-kernel hash draws other random bits than jax.random.uniform, and its bit-identical mode
+  (rng="bits") reads 4 extra bytes per element. More than one device stays on XLA as well: a
+  pallas_call has no SPMD partitioning rule, so under jit with sharded operands XLA replicates
+  it and gathers its operands onto every device (use "fused" under shard_map, where each device
+  sees its own shard).
+- "fused": the kernel wherever it can take the call (on the CPU in Pallas interpret mode, slow: for
+  tests), stochastic rounding with rng="bits" (the same u as lowbit.quantize, hence the same bits).
+
+Either way the kernel is skipped, silently and with identical results, where it cannot take the
+call: per-tensor FP8 and FP6 formats, a blocked axis that is not a multiple of the block size
+(pad needed), blocks along an axis other than the last (or 2-D tiles not on the last two axes, or
+tiles that would straddle a leading batch index), non-float or empty arrays.
+
+Entry points: `quantize` (a drop-in for lowbit.quantize), `use_fused` (the decision alone) and
+`quantize_fused_nd` (the kernel on [..., rows, K] arrays); lowbit.dot uses the last two.
+
+The switch is read when a function is traced: a function already compiled by jax.jit keeps the
+implementation it was traced with (jit a fresh function, or clear its cache, after switching).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.formats import Format, get_format
+from lowbit.kernels.quantize_pallas import fused_available, quantize_fused
+from lowbit.quantize import QArray
+from lowbit.quantize import quantize as quantize_xla
+
+QUANTIZE_IMPLS = ("auto", "xla", "fused")
+ENV_VAR = "LOWBIT_QUANTIZE_IMPL"
+
+_impl: str | None = None  # set_quantize_impl's choice; None: the environment variable's (or "auto")
+
+
+def _checked(impl: str, source: str) -> str:
+    if impl not in QUANTIZE_IMPLS:
+        raise ValueError(f"unknown quantize implementation {impl!r} ({source}); choose one of "
+                         f"{QUANTIZE_IMPLS}")
+    return impl
+
+
+def set_quantize_impl(impl: str | None) -> None:
+    """Choose how lowbit's GEMMs quantize their operands: "auto", "xla" or "fused" (None: back to the
+    default, $LOWBIT_QUANTIZE_IMPL or "auto"). Same bits either way; see this module's docstring."""
+    global _impl
+    _impl = None if impl is None else _checked(impl, "set_quantize_impl")
+
+
+def get_quantize_impl() -> str:
+    """The implementation in force: set_quantize_impl's choice, else $LOWBIT_QUANTIZE_IMPL, else "auto"."""
+    if _impl is not None:
+        return _impl
+    return _checked(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def quantize_impl(impl: str | None) -> Iterator[None]:
+    """Context manager: set_quantize_impl(impl) inside the block, the previous choice restored after."""
+    previous = _impl
+    set_quantize_impl(impl)
+    try:
+        yield
+    finally:
+        set_quantize_impl(previous)
+
+
+# ----------------------------------------------------------------------------- routing
+def _matrix_axes(shape: tuple[int, ...], axes: tuple[int, ...], block: int) -> tuple[int, ...] | None:
+    """Kernel axes of x seen as the matrix [prod(shape[:-1]), shape[-1]], or None if that view would
+    change which elements share a block: blocks must run along the last axis, and 2-D tiles over the
+    last two axes must not straddle two leading (batch) indices, so rows % block == 0."""
+    ndim = len(shape)
+    if axes == (ndim - 1,):
+        return (1,)
+    if ndim >= 2 and axes == (ndim - 2, ndim - 1) and shape[-2] % block == 0:
+        return (0, 1)
+    return None
+
+
+def _normalized_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...] | None:
+    """lowbit.quantize's axis normalisation (sorted, non-negative), or None when it would reject it."""
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if not 1 <= len(axes) <= 2 or not all(-ndim <= int(a) < ndim for a in axes):
+        return None
+    out = tuple(sorted(int(a) % ndim for a in axes))
+    return out if len(set(out)) == len(out) else None
+
+
+def _single_device() -> bool:
+    """One device in the process: no SPMD partitioning that a pallas_call would defeat."""
+    return jax.device_count() == 1
+
+
+def _kernel_axes(x: jax.Array, fmt: Format, axis: int | Sequence[int], rounding: str,
+                 key: jax.Array | None, scale_mode: str, require_gpu: bool) -> tuple[int, ...] | None:
+    """Axes for quantize_fused on x's matrix view, or None where the kernel cannot take the call."""
+    if fmt.kind not in ("mx", "nvfp4") or x.ndim == 0 or x.size == 0:
+        return None
+    if rounding == "stochastic" and key is None:
+        return None  # lowbit.quantize raises the error that names the fix
+    axes = _normalized_axes(axis, x.ndim)
+    kernel_axes = None if axes is None else _matrix_axes(tuple(x.shape), axes, fmt.block_size)
+    if kernel_axes is None:
+        return None
+    matrix = jax.ShapeDtypeStruct((math.prod(x.shape[:-1]), x.shape[-1]), x.dtype)
+    # pad=False: a blocked axis that divides by the block size needs no padding (pad=True gives the
+    # same result); one that does not is declined here and padded by the XLA path.
+    ok = fused_available(matrix, fmt, kernel_axes, scale_mode=scale_mode, rounding=rounding,
+                         pad=False, require_gpu=require_gpu)
+    return kernel_axes if ok else None
+
+
+def use_fused(
+    x: jax.Array,
+    fmt: Format | str,
+    axis: int | Sequence[int] = -1,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    scale_mode: str = "floor",
+) -> bool:
+    """Whether the implementation in force (get_quantize_impl) quantizes this call with the fused kernel."""
+    impl = get_quantize_impl()
+    if impl == "xla" or (impl == "auto" and (rounding != "nearest" or not _single_device())):
+        return False
+    return _kernel_axes(jnp.asarray(x), get_format(fmt), axis, rounding, key, scale_mode,
+                        require_gpu=impl == "auto") is not None
+
+
+def quantize_fused_nd(
+    x: jax.Array,
+    fmt: Format | str,
+    axis: int | Sequence[int] = -1,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    scale_mode: str = "floor",
+    *,
+    prescale: float = 1.0,
+) -> QArray:
+    """lowbit.quantize(x, ...) by the fused kernel for any rank: x [..., rows, K] runs as the matrix
+    [prod(...) * rows, K]; data and scales are reshaped back and `axis` set as lowbit.quantize sets it.
+
+    NVFP4's tensor scale is the amax of all of x, as lowbit.quantize takes it. Stochastic rounding
+    reads jax.random.bits (rng="bits"): the same u, hence the same bits, as lowbit.quantize.
+    """
+    fmt, x = get_format(fmt), jnp.asarray(x)
+    kernel_axes = _kernel_axes(x, fmt, axis, rounding, key, scale_mode, require_gpu=False)
+    if kernel_axes is None:
+        raise ValueError(
+            f"the fused kernel does not take {fmt.name} on a {x.dtype} array of shape {x.shape} with "
+            f"axis={axis!r} (it needs MX FP8/FP4 or NVFP4, blocks along the last axis or tiles over the "
+            "last two that divide the shape); use lowbit.kernels.dispatch.quantize, which falls back "
+            "to lowbit.quantize"
+        )
+    q = quantize_fused(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), fmt, scale_mode=scale_mode,
+                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale, rng="bits")
+    block = fmt.block_size
+    if kernel_axes == (0, 1):
+        scale_shape = (*x.shape[:-2], x.shape[-2] // block, x.shape[-1] // block)
+    else:
+        scale_shape = (*x.shape[:-1], x.shape[-1] // block)
+    return QArray(q.data.reshape(x.shape), q.scale.reshape(scale_shape), q.tensor_scale, fmt,
+                  _normalized_axes(axis, x.ndim), q.prescale)
+
+
+def quantize(
+    x: jax.Array,
+    fmt: Format | str,
+    axis: int | Sequence[int] = -1,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    scale_mode: str = "floor",
+    *,
+    pad: bool = False,
+    prescale: float = 1.0,
+) -> QArray:
+    """lowbit.quantize(x, ...) by the implementation get_quantize_impl() selects for this call: the
+    same QArray (bits, shapes, dtypes, axis, tensor_scale, prescale) whichever runs."""
+    if use_fused(x, fmt, axis, rounding, key, scale_mode):
+        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale)
+    return quantize_xla(x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode, pad=pad,
+                        prescale=prescale)
+
+
+__all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "get_quantize_impl", "quantize", "quantize_fused_nd", "quantize_impl",
+           "set_quantize_impl", "use_fused"]
