@@ -44,7 +44,8 @@ def completed_steps(run_dir: Path) -> int:
 
 
 def run_study(config: Config, recipes: Sequence[str], workdir: Path,
-              time_budget_s: float | None = None, write: bool = True) -> dict[str, Any] | None:
+              time_budget_s: float | None = None, write: bool = True,
+              device_lock: Path | None = None) -> dict[str, Any] | None:
     """Train the recipes that are not finished yet; the summary once all are (and `write`), else None."""
     from lowbit.train import train  # jax and the model load only when there is work
 
@@ -55,7 +56,7 @@ def run_study(config: Config, recipes: Sequence[str], workdir: Path,
             continue
         if deadline is not None and time.monotonic() >= deadline:
             break
-        result = train(config, recipe, run_dir, deadline=deadline)
+        result = train(config, recipe, run_dir, deadline=deadline, device_lock=device_lock)
         print(json.dumps(result), flush=True)
         if result["stopped"] != "completed":
             break
@@ -72,7 +73,8 @@ def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], j
     """Train each recipe in its own `python -m lowbit.study --recipes R` child, `jobs` at a time.
 
     Children get XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set) so that several share one GPU's
-    memory, and the time left of the budget. Returns each child's exit code.
+    memory, and the time left of the budget. Returns each child's exit code. With `--take-turns` in
+    child_args they compile together and then train one at a time (lowbit.train's device_lock).
     """
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -157,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="stop cleanly (save) after this many seconds; call again to continue")
     parser.add_argument("--jobs", type=int, default=1,
                         help="recipes trained at once, each in its own process (default: 1, in this one)")
+    parser.add_argument("--take-turns", action="store_true",
+                        help="with --jobs: compile concurrently, then train one recipe at a time on the "
+                             "accelerator (many processes time-slicing one GPU run slower than in turn)")
     # set for --jobs children: train only, the parent summarizes
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -178,10 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.no_summary:  # a --jobs child: train, leave the summary to the parent
-        run_study(config, recipes, workdir, args.time_budget_s, write=False)
+        lock = workdir / "device.lock" if args.take_turns else None
+        run_study(config, recipes, workdir, args.time_budget_s, write=False, device_lock=lock)
         return 0
     if args.jobs > 1:
-        child_args = ["--config", args.config, "--workdir", str(workdir), *overrides]
+        child_args = ["--config", args.config, "--workdir", str(workdir),
+                      *(["--take-turns"] if args.take_turns else []), *overrides]
         todo = [r for r in recipes if completed_steps(workdir / r) < config.train.steps]
         run_jobs(todo, workdir, child_args, args.jobs, args.time_budget_s)
         args.time_budget_s = 0.0  # the children did the training; only summarize below

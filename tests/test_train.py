@@ -373,11 +373,12 @@ def test_study_jobs_trains_recipes_in_child_processes_with_identical_results(tmp
     settings = (*FAST, "steps=4", "eval_every=2", "eval_batches=1")
     sequential = run_study(load_config("tiny", settings), ["bf16", "fp8"], tmp_path / "seq")
     assert study_main(["--config", "tiny", "--workdir", str(tmp_path / "par"), "--recipes", "bf16,fp8",
-                       "--jobs", "2", *settings]) == 0
+                       "--jobs", "2", "--take-turns", *settings]) == 0
     parallel = json.loads((tmp_path / "par" / "summary.json").read_text())
     assert parallel["recipes"] == sequential["recipes"]
     for recipe in ("bf16", "fp8"):
         losses = [[r["loss"] for r in read_rows(tmp_path / run / recipe)[0]] for run in ("par", "seq")]
         assert losses[0] == losses[1] and len(losses[0]) == 4
         assert (tmp_path / "par" / f"{recipe}.log").is_file()
+    assert (tmp_path / "par" / "device.lock").is_file()  # the children took turns through it
     assert study_main(["--config", "tiny", "--workdir", str(tmp_path), "--jobs", "0"]) == 2

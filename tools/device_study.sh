@@ -7,12 +7,12 @@
 set -u
 mode=$1; seconds=$2
 root=${STUDY_ROOT:-/tmp/study}
-steps=${STUDY_STEPS:-2000}
+steps=${STUDY_STEPS:-1000}
 start=$(date +%s)
 if [ "$mode" = start ]; then
   mkdir -p "$root"
-  setsid nohup python3 -m lowbit.study --config small --steps "$steps" --workdir "$root" --jobs 9 \
-    checkpoint_every=1000 >"$root/study.log" 2>&1 < /dev/null &
+  setsid nohup python3 -m lowbit.study --config small --steps "$steps" --workdir "$root" --jobs 9 --take-turns \
+    checkpoint_every=0 >"$root/study.log" 2>&1 < /dev/null &
   echo "started study pid $! at $(date -u +%FT%TZ)"
 fi
 save() {
