@@ -3,6 +3,8 @@
 Reads each run's metrics.jsonl (written by lowbit.train); train rows are drawn smoothed with an
 exponential moving average s_t = a s_{t-1} + (1 - a) x_t (bias-corrected, as TensorBoard), val
 rows as markers. The legend names each run by its directory and the recipe in its config.yaml.
+`--relative-to RUN_DIR` draws instead each run's gap to that reference, (s_run - s_ref) / s_ref at
+the steps both logged: curves that overlap on the loss axis separate on this one.
 """
 
 from __future__ import annotations
@@ -49,13 +51,50 @@ def smooth(values: Sequence[float], weight: float) -> np.ndarray:
     return np.asarray(out)
 
 
+def relative_gap(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]], metric: str,
+                 smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, gap): (s_run - s_ref) / s_ref of the smoothed `metric` at the steps both rows hold."""
+    ref = {r["step"]: r[metric] for r in reference if metric in r}
+    pairs = [(r["step"], r[metric], ref[r["step"]]) for r in rows if metric in r and r["step"] in ref]
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0)
+    steps, values, base = (np.asarray(column) for column in zip(*pairs, strict=True))
+    run_s, ref_s = smooth(values, smoothing), smooth(base, smoothing)
+    return steps, (run_s - ref_s) / ref_s
+
+
+def _plot_relative(axes: Any, run_dirs: Sequence[str | Path], reference: str | Path, metric: str,
+                   show_val: bool, smoothing: float) -> None:
+    ref_train, ref_val = read_metrics(reference)
+    for index, run_dir in enumerate(run_dirs):
+        color, label = f"C{index % 10}", run_label(run_dir)
+        train_rows, val_rows = read_metrics(run_dir)
+        steps, gap = relative_gap(train_rows, ref_train, metric, smoothing)
+        axes.plot(steps, 100 * gap, color=color, label=label)
+        if show_val and val_rows:
+            val_steps, val_gap = relative_gap(val_rows, ref_val, "val_loss", 0.0)
+            axes.plot(val_steps, 100 * val_gap, "o--", color=color, markersize=4, linewidth=0.8,
+                      label=f"{label} val")
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.set_ylabel(f"{metric}: gap to {run_label(reference)} (%)")
+
+
 def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, metric: str = "loss",
-              show_val: bool = True, smoothing: float = 0.9, log_x: bool = False) -> Path:
-    """Draw `metric` of every run (smoothed) and their val_loss points; save to `output`."""
+              show_val: bool = True, smoothing: float = 0.9, log_x: bool = False,
+              relative_to: str | Path | None = None) -> Path:
+    """Draw `metric` of every run (smoothed) and their val_loss points; save to `output`.
+
+    With `relative_to` (a run directory): each run's relative gap to that run instead (see relative_gap).
+    """
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone (notebooks)
 
     figure = Figure(figsize=(8, 5))
     axes = figure.subplots()
+    if relative_to is not None:
+        _plot_relative(axes, run_dirs, relative_to, metric, show_val, smoothing)
+        run_dirs = []
+    else:
+        axes.set_ylabel(metric)
     for index, run_dir in enumerate(run_dirs):
         color = f"C{index % 10}"
         train_rows, val_rows = read_metrics(run_dir)
@@ -69,7 +108,6 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, metric: str
             axes.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--", color=color,
                       markersize=4, linewidth=0.8, label=f"{label} val" if rows else label)
     axes.set_xlabel("step")
-    axes.set_ylabel(metric)
     if log_x:
         axes.set_xscale("log")
     axes.grid(alpha=0.3)
@@ -90,12 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="draw validation loss points (default: yes)")
     parser.add_argument("--smoothing", type=float, default=0.9, help="EMA weight in [0, 1) (default 0.9)")
     parser.add_argument("--log-x", action="store_true", help="logarithmic step axis")
+    parser.add_argument("--relative-to", metavar="RUN_DIR",
+                        help="draw each run's relative gap to this run (e.g. the bf16 run) instead")
     args = parser.parse_args(argv)
     if not 0 <= args.smoothing < 1:
         parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
     try:
         path = plot_runs(args.run_dirs, args.output, metric=args.metric, show_val=args.val,
-                         smoothing=args.smoothing, log_x=args.log_x)
+                         smoothing=args.smoothing, log_x=args.log_x, relative_to=args.relative_to)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -326,6 +326,10 @@ def test_plot_writes_a_png_for_two_runs(tmp_path):
     assert plot.main([str(tmp_path / "bf16-run"), str(tmp_path / "nvfp4-run"), "-o", str(output)]) == 0
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
     assert plot.run_label(tmp_path / "nvfp4-run") == "nvfp4-run (nvfp4)"
+    relative = tmp_path / "gap.png"
+    assert plot.main([str(tmp_path / "nvfp4-run"), "--relative-to", str(tmp_path / "bf16-run"),
+                      "-o", str(relative)]) == 0
+    assert relative.stat().st_size > 10_000
 
 
 def test_plot_smoothing_is_a_bias_corrected_ema():
@@ -382,3 +386,15 @@ def test_study_jobs_trains_recipes_in_child_processes_with_identical_results(tmp
         assert (tmp_path / "par" / f"{recipe}.log").is_file()
     assert (tmp_path / "par" / "device.lock").is_file()  # the children took turns through it
     assert study_main(["--config", "tiny", "--workdir", str(tmp_path), "--jobs", "0"]) == 2
+
+
+def test_plot_relative_gap_matches_numpy_on_common_steps():
+    run = [{"step": s, "loss": v} for s, v in [(10, 2.2), (20, 1.1), (30, 0.9), (40, 0.8)]]
+    ref = [{"step": s, "loss": v} for s, v in [(10, 2.0), (30, 1.0), (40, 0.5), (50, 0.4)]]
+    steps, gap = plot.relative_gap(run, ref, "loss", smoothing=0.0)  # no smoothing: pointwise ratios
+    np.testing.assert_array_equal(steps, [10, 30, 40])
+    np.testing.assert_allclose(gap, [0.1, -0.1, 0.6])
+    _, smoothed = plot.relative_gap(run, ref, "loss", smoothing=0.5)  # EMAs over the common steps
+    ema = lambda xs: plot.smooth(np.asarray(xs), 0.5)
+    np.testing.assert_allclose(smoothed, (ema([2.2, 0.9, 0.8]) - ema([2.0, 1.0, 0.5])) / ema([2.0, 1.0, 0.5]))
+    assert plot.relative_gap(run, [], "loss", 0.0)[0].size == 0
