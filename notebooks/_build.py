@@ -712,19 +712,27 @@ ax.legend(fontsize=8)
 plt.show()
 """),
     ("code", """\
-def finals(train_rows, val_rows):
-    return (float(np.nanmean([r["loss"] for r in train_rows][-TAIL:])),
-            val_rows[-1]["val_loss"] if val_rows else float("nan"))
+def finals(train_rows, val_rows, last_step):
+    \"\"\"Mean of the last TAIL train losses and the last val loss, both at steps <= last_step.\"\"\"
+    train = [r["loss"] for r in train_rows if r["step"] <= last_step][-TAIL:]
+    val = [r for r in val_rows if r["step"] <= last_step]
+    return float(np.nanmean(train)), (val[-1]["val_loss"] if val else float("nan"))
 
 
-ref_train, ref_val = finals(*metrics[reference])
-print(f"SUMMARY: final train loss (mean of the last {TAIL}), final val loss, gap to {reference}")
+# A run that stopped early (a partial study) is compared with the reference at its own last step,
+# never its early loss with the reference's final one.
+ref_last = metrics[reference][0][-1]["step"]
+print(f"SUMMARY: train loss (mean of the last {TAIL} logged), val loss and gap to {reference}, "
+      "at the last step both runs reached")
 print(f"{'recipe':<16}{'steps':>7}{'train':>9}{'val':>9}{'train gap':>11}{'val gap':>10}")
 for name, (train_rows, val_rows) in metrics.items():
-    final_train, final_val = finals(train_rows, val_rows)
+    last = min(train_rows[-1]["step"], ref_last)
+    final_train, final_val = finals(train_rows, val_rows, last)
+    ref_train, ref_val = finals(*metrics[reference], last)
     train_gap, val_gap = (final_train - ref_train) / ref_train, (final_val - ref_val) / ref_val
-    print(f"{name:<16}{train_rows[-1]['step']:>7}{final_train:9.4f}{final_val:9.4f}"
-          f"{100 * train_gap:+10.2f}%{100 * val_gap:+9.2f}%")
+    partial = "  (stopped early)" if train_rows[-1]["step"] < ref_last else ""
+    print(f"{name:<16}{last:>7}{final_train:9.4f}{final_val:9.4f}"
+          f"{100 * train_gap:+10.2f}%{100 * val_gap:+9.2f}%{partial}")
 """),
 ]
 
