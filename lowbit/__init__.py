@@ -46,6 +46,8 @@ _LAZY = {
     "get_recipe": ("lowbit.recipes", "get_recipe"),
     "list_recipes": ("lowbit.recipes", "list_recipes"),
     "quantize_model": ("lowbit.nn", "quantize_model"),
+    "set_quantize_impl": ("lowbit.kernels", "set_quantize_impl"),
+    "get_quantize_impl": ("lowbit.kernels", "get_quantize_impl"),
     "nn": ("lowbit.nn", None),
     "linen": ("lowbit.linen", None),
 }
