@@ -64,7 +64,6 @@ def run_study(config: Config, recipes: Sequence[str], workdir: Path,
         return None
     summary = summarize(workdir, recipes, config)
     write_summary(summary, workdir)
-    plot_runs([workdir / r for r in recipes], workdir / "curves.png")
     return summary
 
 
@@ -101,28 +100,44 @@ def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], j
     return codes
 
 
+def _finals(train_rows: Sequence[dict], val_rows: Sequence[dict],
+            last_step: int) -> tuple[float, float | None]:
+    """(mean of the last TAIL train losses, last val loss), both over steps <= last_step."""
+    losses = [r["loss"] for r in train_rows if r["step"] <= last_step][-TAIL:]
+    val = [r["val_loss"] for r in val_rows if r["step"] <= last_step]
+    return float(np.nanmean(losses)), (val[-1] if val else None)
+
+
 def summarize(workdir: Path, recipes: Sequence[str], config: Config) -> dict[str, Any]:
-    """Per recipe: final train/val loss, gap to bf16, tokens seen, non-finite steps."""
+    """Per recipe that has metrics: final train/val loss, gap to bf16, tokens seen, non-finite steps.
+
+    A run that stopped before `steps` (complete: false) is compared with bf16 at its own last step
+    (gap_step), never its early loss with bf16's final one. Recipes without metrics are left out.
+    """
     tokens_per_step = config.data.global_batch_size * config.model.max_target_length
-    rows = {}
+    metrics = {}
     for recipe in recipes:
-        train_rows, val_rows = read_metrics(workdir / recipe)
-        losses = [r["loss"] for r in train_rows]
-        rows[recipe] = {
-            "final_train_loss": float(np.nanmean(losses[-TAIL:])),
-            "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-            "steps": train_rows[-1]["step"],
-            "tokens_seen": train_rows[-1]["step"] * tokens_per_step,
-            "nonfinite_steps": train_rows[-1].get("nonfinite_count", 0),
-        }
-    reference = rows.get("bf16")
-    for row in rows.values():
-        for key in ("final_train_loss", "final_val_loss"):
-            base = reference[key] if reference else None
-            gap = (row[key] - base) / base if base and row[key] is not None else None
-            row[key.replace("final_", "gap_to_bf16_")] = gap
+        if completed_steps(workdir / recipe) > 0:
+            metrics[recipe] = read_metrics(workdir / recipe)
+    reference = metrics.get("bf16")
+    rows = {}
+    for recipe, (train_rows, val_rows) in metrics.items():
+        steps = train_rows[-1]["step"]
+        final_train, final_val = _finals(train_rows, val_rows, steps)
+        row = {"final_train_loss": final_train, "final_val_loss": final_val, "steps": steps,
+               "complete": steps >= config.train.steps, "tokens_seen": steps * tokens_per_step,
+               "nonfinite_steps": train_rows[-1].get("nonfinite_count", 0),
+               "gap_to_bf16_train_loss": None, "gap_to_bf16_val_loss": None, "gap_step": None}
+        if reference is not None:
+            at = min(steps, reference[0][-1]["step"])
+            mine, base = _finals(train_rows, val_rows, at), _finals(*reference, at)
+            row["gap_step"] = at
+            for index, key in enumerate(("gap_to_bf16_train_loss", "gap_to_bf16_val_loss")):
+                if mine[index] is not None and base[index]:
+                    row[key] = (mine[index] - base[index]) / base[index]
+        rows[recipe] = row
     return {"config": config.name, "steps": config.train.steps, "recipes": rows,
-            "settings": config.to_flat()}
+            "missing": [r for r in recipes if r not in rows], "settings": config.to_flat()}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -131,21 +146,32 @@ def markdown_table(summary: dict[str, Any]) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = [f"Config `{summary['config']}`, {summary['steps']} steps, same seed and data order.", "",
-             "| recipe | final train loss | gap to bf16 | final val loss | gap to bf16 | tokens "
+             "| recipe | steps | final train loss | gap to bf16 | final val loss | gap to bf16 | tokens "
              "| non-finite |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for recipe, row in summary["recipes"].items():
+        steps = f"{row['steps']}" if row.get("complete", True) else f"{row['steps']} (stopped early)"
         lines.append(
-            f"| {recipe} | {number(row['final_train_loss'], '.4f')} | "
+            f"| {recipe} | {steps} | {number(row['final_train_loss'], '.4f')} | "
             f"{number(row['gap_to_bf16_train_loss'], '+.2%')} | {number(row['final_val_loss'], '.4f')} | "
             f"{number(row['gap_to_bf16_val_loss'], '+.2%')} | {row['tokens_seen']:,} "
             f"| {row['nonfinite_steps']} |")
+    if summary.get("missing"):
+        lines += ["", f"Not run: {', '.join(summary['missing'])}."]
+    lines += ["", "A run that stopped early is compared with bf16 at its own last step."] if any(
+        not row.get("complete", True) for row in summary["recipes"].values()) else []
     return "\n".join(lines) + "\n"
 
 
 def write_summary(summary: dict[str, Any], workdir: Path) -> None:
+    """summary.{json,md}, curves.png (every run) and gap_to_bf16.png (every other run vs bf16)."""
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (workdir / "summary.md").write_text(markdown_table(summary))
+    runs = list(summary["recipes"])
+    plot_runs([workdir / r for r in runs], workdir / "curves.png")
+    others = [workdir / r for r in runs if r != "bf16"]
+    if "bf16" in runs and others:
+        plot_runs(others, workdir / "gap_to_bf16.png", relative_to=workdir / "bf16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--take-turns", action="store_true",
                         help="with --jobs: compile concurrently, then train one recipe at a time on the "
                              "accelerator (many processes time-slicing one GPU run slower than in turn)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="train nothing: write summary.{json,md} and curves.png for the runs as they are "
+                             "(runs that stopped early are compared with bf16 at their last step)")
     # set for --jobs children: train only, the parent summarizes
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -182,6 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.summarize:
+        summary = summarize(workdir, recipes, config)
+        if not summary["recipes"]:
+            print(f"error: no run with metrics in {workdir}", file=sys.stderr)
+            return 2
+        write_summary(summary, workdir)
+        print(markdown_table(summary))
+        return 0
     if args.no_summary:  # a --jobs child: train, leave the summary to the parent
         lock = workdir / "device.lock" if args.take_turns else None
         run_study(config, recipes, workdir, args.time_budget_s, write=False, device_lock=lock)

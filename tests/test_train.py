@@ -398,3 +398,31 @@ def test_plot_relative_gap_matches_numpy_on_common_steps():
     ema = lambda xs: plot.smooth(np.asarray(xs), 0.5)
     np.testing.assert_allclose(smoothed, (ema([2.2, 0.9, 0.8]) - ema([2.0, 1.0, 0.5])) / ema([2.0, 1.0, 0.5]))
     assert plot.relative_gap(run, [], "loss", 0.0)[0].size == 0
+
+
+def test_study_summarize_compares_a_partial_run_at_its_own_last_step(tmp_path, capsys):
+    """--summarize on a partial study: the early-stopped run's gap is taken at its last step."""
+    from lowbit.study import main as study_main
+
+    def write_run(name, losses, vals):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+        rows += [{"step": s, "split": "val", "val_loss": v} for s, v in vals]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write_run("bf16", [4.0, 3.0, 2.0, 1.0], [(20, 3.0), (40, 1.0)])
+    write_run("nvfp4", [4.4, 3.3], [(20, 3.3)])  # stopped at step 20 of 40
+    assert study_main(["--config", "tiny", "--workdir", str(tmp_path), "--recipes", "bf16,nvfp4,mxfp4",
+                       "--summarize", "steps=40"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    nvfp4 = summary["recipes"]["nvfp4"]
+    assert nvfp4["complete"] is False and nvfp4["steps"] == nvfp4["gap_step"] == 20
+    # at step 20: train means (4.4+3.3)/2 vs (4+3)/2 -> +10%; val 3.3 vs 3.0 -> +10% (not vs bf16's final 1.0)
+    assert nvfp4["gap_to_bf16_train_loss"] == pytest.approx(0.1)
+    assert nvfp4["gap_to_bf16_val_loss"] == pytest.approx(0.1)
+    assert summary["recipes"]["bf16"]["complete"] is True and summary["missing"] == ["mxfp4"]
+    table = (tmp_path / "summary.md").read_text()
+    assert "20 (stopped early)" in table and "Not run: mxfp4." in table
+    assert (tmp_path / "gap_to_bf16.png").stat().st_size > 10_000
+    assert study_main(["--config", "tiny", "--workdir", str(tmp_path / "empty"), "--summarize"]) == 2
