@@ -14,7 +14,7 @@ from lowbit.model.config import (
     get_model_config,
     num_params,
 )
-from lowbit.model.decoder import Decoder, DecoderLayer, remat_policy
+from lowbit.model.decoder import Decoder, DecoderLayer, layer_segments, remat_policy
 from lowbit.model.layers import MlpBlock, RMSNorm, apply_rope
 from lowbit.model.moe import (
     MoeBlock,
@@ -27,5 +27,5 @@ from lowbit.model.moe import (
 __all__ = [
     "PRESETS", "Attention", "Decoder", "DecoderLayer", "MlpBlock", "ModelConfig", "MoeBlock", "MoeExperts",
     "RMSNorm", "active_params", "apply_rope", "expert_capacity", "flops_per_token", "get_model_config",
-    "load_balance_loss", "num_params", "remat_policy", "route", "router_z_loss",
+    "layer_segments", "load_balance_loss", "num_params", "remat_policy", "route", "router_z_loss",
 ]

@@ -58,6 +58,7 @@ class ModelConfig:
     # numerics and memory
     dtype: str = "bfloat16"
     remat_policy: str = "none"
+    scan_layers: bool = False  # run runs of identical consecutive layers as one lax.scan (compile once)
     logits_via_embedding: bool = False
     normalization_layer_epsilon: float = 1e-6
     init_scale: float = 1.0  # variance-scaling factor of every kernel (fan_in, truncated normal)
@@ -101,6 +102,8 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "

@@ -3,11 +3,17 @@
 Pre-norm residual layers: x += attn(norm(x)); x += ffn(norm(x)). Module paths follow
 docs/architecture.md: token_embedder, layers/<i>/{pre_attention_norm, attention, post_attention_norm,
 mlp | moe}, decoder_norm, logits_dense.
+
+`scan_layers` (MaxText's key): consecutive layers with the same NNX graph (same dense/MoE type and
+the same GEMM hooks, i.e. the same recipe treatment after `lowbit.quantize_model`) run as one
+`jax.lax.scan` over their parameters, stacked inside the step, so a segment compiles once whatever
+its length. Parameters stay stored per layer (`layers/<i>`): quantize_model, checkpoints and
+sharding rules see the same tree either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -76,6 +82,63 @@ def _call_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array):
     return layer(x, positions)
 
 
+def _scan_signature(layer: nnx.Module) -> tuple:
+    """What must agree for two layers to share one scan body.
+
+    The graph definition (module types, static attributes, the GEMM hooks and their recipes),
+    parameter shapes/dtypes (to stack them), and the identity of every non-parameter Variable: the
+    body carries one copy of those (the shared `quant` RNG stream of quantize_model), so per-layer
+    state (a Variable owned by one layer) keeps that layer out of any segment.
+    """
+    graphdef, params = nnx.split(layer, nnx.Param, ...)[:2]
+    shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
+    carried = tuple(id(node) for _, node in nnx.iter_graph(layer)
+                    if isinstance(node, nnx.Variable) and not isinstance(node, nnx.Param))
+    return graphdef, shapes, carried
+
+
+def layer_segments(layers: Sequence[nnx.Module]) -> list[tuple[int, int]]:
+    """Maximal runs [start, stop) of consecutive layers with equal `_scan_signature`.
+
+    e.g. dense layer 0, quantized MoE layers 1-5, BF16 MoE layers 6-7 -> [(0, 1), (1, 6), (6, 8)].
+    """
+    signatures = [_scan_signature(layer) for layer in layers]
+    segments, start = [], 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or signatures[i] != signatures[start]:
+            segments.append((start, i))
+            start = i
+    return segments
+
+
+def _scan_segment(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array,
+                  policy: Callable[..., bool] | None) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    """x -> layers[-1](...layers[0](x)) as one lax.scan over the layers' stacked parameters.
+
+    The non-parameter state (RNG streams) is the scan carry, so each iteration draws the keys the
+    unrolled loop would draw (the stream's count advances per call): stochastic rounding and
+    Hadamard signs differ between layers exactly as without scan. Returns per-layer MoE stats.
+    """
+    graphdef, _, carried = nnx.split(layers[0], nnx.Param, ...)
+    # A copy with a leading layer axis (unsharded; each layer's sharding carries over to the
+    # trailing axes), made per step: parameters stay stored per layer. Its gradient is sliced back.
+    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.state(layer, nnx.Param) for layer in layers))
+
+    def body(carry, params):
+        h, state = carry
+        layer = nnx.merge(graphdef, params, state)
+        h, stats = layer(h, positions)
+        return (h, nnx.split(layer, nnx.Param, ...)[2]), stats
+
+    if policy is not None:  # remat per layer, as in the unrolled loop; no CSE to fear inside scan
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    (x, carried), stats = jax.lax.scan(body, (x, carried), stacked)
+    nnx.update(layers[0], carried)  # the shared Variables (RNG counts) advance as if unrolled
+    if not stats:
+        return x, []
+    return x, [jax.tree.map(lambda s, i=i: s[i], stats) for i in range(len(layers))]
+
+
 class Decoder(nnx.Module):
     """tokens int32[B, T] -> (logits f32[B, T, V], aux).
 
@@ -110,10 +173,14 @@ class Decoder(nnx.Module):
         policy = remat_policy(cfg.remat_policy)
         call = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy, prevent_cse=True)
         layer_stats = []
-        for layer in self.layers:
-            x, stats = call(layer, x, positions)
-            if stats:
-                layer_stats.append(stats)
+        unrolled = [(i, i + 1) for i in range(len(self.layers))]
+        for start, stop in layer_segments(self.layers) if cfg.scan_layers else unrolled:
+            if stop - start == 1:
+                x, stats = call(self.layers[start], x, positions)
+                segment_stats = [stats] if stats else []
+            else:
+                x, segment_stats = _scan_segment(list(self.layers[start:stop]), x, positions, policy)
+            layer_stats.extend(segment_stats)
         x = self.decoder_norm(x)
         if self.logits_dense is None:
             # Tied head: scale by 1/sqrt(emb_dim) (MaxText normalize_embedding_logits) since the
