@@ -8,8 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Longest files first (CPU seconds measured on 2 cores), so that neither worker is left with a long
 # file at the end; files not listed follow in collection order. Each worker needs the same order.
-LONGEST_FIRST = ["test_train.py", "test_notebooks.py", "test_quantize.py", "test_model.py", "test_dot.py",
-                 "test_bench_gemm.py", "test_quantize_pallas.py", "test_dot_fused.py"]
+LONGEST_FIRST = ["test_train.py", "test_notebooks.py", "test_quantize.py", "test_model.py",
+                 "test_scan_layers.py", "test_dot.py", "test_bench_gemm.py", "test_quantize_pallas.py",
+                 "test_dot_fused.py"]
 
 
 def pytest_collection_modifyitems(config, items):
