@@ -12,6 +12,7 @@ log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log" | tail -n 25; }
 case "$1" in
   finish-study)
+    export LOWBIT_QUANTIZE_IMPL=xla  # as the seven stored runs (the fused kernel gives the same bits)
     root=/tmp/study; rm -rf "$root"; mkdir -p "$root"
     cp -r docs/convergence/. "$root"/ && rm -rf "$root/nvfp4" "$root"/summary.* "$root"/*.png
     run timeout 560 python3 -m lowbit.study --config small --steps 1000 --workdir "$root" --jobs 2 \
