@@ -16,12 +16,14 @@ final train loss (mean of the last `TAIL` logged train losses, which damps step-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from lowbit.plot import plot_runs, read_metrics
 
 STUDY_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4", "mxfp4-nosr", "mxfp4-norht", "nvfp4-norht",
                  "nvfp4-all-fp4")
+TURN_FILE = "turn"  # --take-turns: the recipe whose turn it is on the accelerator
 TAIL = 20  # train losses averaged for the "final train loss"
 
 
@@ -45,7 +48,7 @@ def completed_steps(run_dir: Path) -> int:
 
 def run_study(config: Config, recipes: Sequence[str], workdir: Path,
               time_budget_s: float | None = None, write: bool = True,
-              device_lock: Path | None = None) -> dict[str, Any] | None:
+              device_turn: Callable[[], Any] | None = None) -> dict[str, Any] | None:
     """Train the recipes that are not finished yet; the summary once all are (and `write`), else None."""
     from lowbit.train import train  # jax and the model load only when there is work
 
@@ -56,7 +59,7 @@ def run_study(config: Config, recipes: Sequence[str], workdir: Path,
             continue
         if deadline is not None and time.monotonic() >= deadline:
             break
-        result = train(config, recipe, run_dir, deadline=deadline, device_lock=device_lock)
+        result = train(config, recipe, run_dir, deadline=deadline, device_turn=device_turn)
         print(json.dumps(result), flush=True)
         if result["stopped"] != "completed":
             break
@@ -73,12 +76,16 @@ def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], j
 
     Children get XLA_PYTHON_CLIENT_PREALLOCATE=false (unless set) so that several share one GPU's
     memory, and the time left of the budget. Returns each child's exit code. With `--take-turns` in
-    child_args they compile together and then train one at a time (lowbit.train's device_lock).
+    child_args they compile together and then train one at a time, in the order of `recipes`:
+    WORKDIR/turn names the recipe whose turn it is (a child that exits passes the turn on).
     """
+    take_turns = "--take-turns" in child_args
+    turn_file, turns = workdir / TURN_FILE, list(recipes)
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     workdir.mkdir(parents=True, exist_ok=True)
+    turn_file.unlink(missing_ok=True)  # a stale turn from an earlier call must not start anyone
     pending, running, codes = list(recipes), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
@@ -89,6 +96,11 @@ def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], j
                     *budget, *child_args]
             log = open(workdir / f"{recipe}.log", "ab")  # noqa: SIM115 (closed when the child ends)
             running[recipe] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        if take_turns:  # the turn goes to the first recipe, in order, whose child is alive
+            turns = [r for r in turns if r in running or r in pending]
+            current = next((r for r in turns if r in running), None)
+            if current is not None and (not turn_file.is_file() or turn_file.read_text() != current):
+                turn_file.write_text(current)
         for recipe, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
@@ -106,6 +118,13 @@ def _finals(train_rows: Sequence[dict], val_rows: Sequence[dict],
     losses = [r["loss"] for r in train_rows if r["step"] <= last_step][-TAIL:]
     val = [r["val_loss"] for r in val_rows if r["step"] <= last_step]
     return float(np.nanmean(losses)), (val[-1] if val else None)
+
+
+def turn_in_order(workdir: Path, recipe: str, poll_s: float = 0.5) -> Iterator[None]:
+    """Wait until WORKDIR/turn names `recipe` (run_jobs writes it, in recipe order)."""
+    while not ((workdir / TURN_FILE).is_file() and (workdir / TURN_FILE).read_text() == recipe):
+        time.sleep(poll_s)
+    yield
 
 
 def summarize(workdir: Path, recipes: Sequence[str], config: Config) -> dict[str, Any]:
@@ -220,8 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(summary))
         return 0
     if args.no_summary:  # a --jobs child: train, leave the summary to the parent
-        lock = workdir / "device.lock" if args.take_turns else None
-        run_study(config, recipes, workdir, args.time_budget_s, write=False, device_lock=lock)
+        turn = None
+        if args.take_turns:
+            turn = contextlib.contextmanager(functools.partial(turn_in_order, workdir, recipes[0]))
+        run_study(config, recipes, workdir, args.time_budget_s, write=False, device_turn=turn)
         return 0
     if args.jobs > 1:
         child_args = ["--config", args.config, "--workdir", str(workdir),

@@ -55,12 +55,13 @@ class ResumeError(ValueError):
 
 def train(config: Config, recipe: str | Any, workdir: str | Path, *,
           nan_steps: Collection[int] = (), deadline: float | None = None,
-          device_lock: str | Path | None = None) -> dict[str, Any]:
+          device_turn: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Any]:
     """Train (or resume) a run in `workdir`; returns a summary (final losses, steps, tokens).
 
     `deadline` (a time.monotonic() value) stops the run like SIGTERM: finish the step, save.
-    `device_lock` (a file): compile and run the first step, then hold an exclusive lock on that file
-    for the rest of the run, so that runs started together compile at once but take turns on the GPU.
+    `device_turn`: compile and run the first step, then enter `device_turn()` and hold it for the rest
+    of the run, so that runs started together compile at once but take turns on the GPU (lowbit.study's
+    --take-turns passes turns in recipe order).
     `nan_steps` poisons the loss of those steps with NaN, to exercise the non-finite guard.
     Raises NonFiniteError after `max_consecutive_nonfinite` bad steps in a row.
     """
@@ -104,11 +105,11 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
         for step in range(start_step + 1, tc.steps + 1):
             batch = shard_batch(next(data_iter), mesh)
             state, metrics = train_step(state, batch, schedule, nan if step in nan_steps else zero)
-            if device_lock is not None and step == start_step + 1:
+            if device_turn is not None and step == start_step + 1:
                 if tc.eval_every:  # compile the eval step too before queueing for the device
                     evaluate(eval_step, state, val_batches[:1])
                 jax.block_until_ready(metrics)
-                turn.enter_context(exclusive_lock(Path(device_lock)))
+                turn.enter_context(device_turn())
             stopping = stop.requested
 
             if step % tc.log_every == 0 or step == tc.steps or stopping:
@@ -546,20 +547,6 @@ def _in_main_thread() -> bool:
 
 
 # process set-up ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Block until this process holds an exclusive flock on `path` (released on exit)."""
-    import fcntl  # POSIX only; the lock is optional
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def enable_compilation_cache(directory: str) -> None:

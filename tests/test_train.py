@@ -384,7 +384,7 @@ def test_study_jobs_trains_recipes_in_child_processes_with_identical_results(tmp
         losses = [[r["loss"] for r in read_rows(tmp_path / run / recipe)[0]] for run in ("par", "seq")]
         assert losses[0] == losses[1] and len(losses[0]) == 4
         assert (tmp_path / "par" / f"{recipe}.log").is_file()
-    assert (tmp_path / "par" / "device.lock").is_file()  # the children took turns through it
+    assert (tmp_path / "par" / "turn").read_text() == "fp8"  # turns went bf16 -> fp8, in recipe order
     assert study_main(["--config", "tiny", "--workdir", str(tmp_path), "--jobs", "0"]) == 2
 
 
