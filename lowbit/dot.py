@@ -29,8 +29,8 @@ from jax import lax
 
 from lowbit.backends import get_gemm, select_backend
 from lowbit.formats import get_format
-from lowbit.kernels import dispatch
-from lowbit.quantize import QArray, quantize
+from lowbit.kernels.dispatch import quantize
+from lowbit.quantize import QArray
 from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
 
 Operand = QArray | jax.Array
@@ -71,13 +71,12 @@ def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tu
     # and read along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead
     # of 12.5 ms (tools/profile_emulate.py, docs/benchmarks.md). A no-op for contiguous inputs.
     a = lax.optimization_barrier(a)
-    kwargs = {"axis": axis, "rounding": cfg.rounding, "key": key if cfg.rounding == "stochastic" else None,
-              "scale_mode": cfg.scale_mode}
-    # The fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it and it takes the
-    # call (same bits as lowbit.quantize, several times its bandwidth on an H100), else XLA ops.
-    if dispatch.use_fused(a, cfg.format, **kwargs):
-        return dispatch.quantize_fused_nd(a, cfg.format, **kwargs, prescale=cfg.prescale)
-    return quantize(a, cfg.format, **kwargs, pad=pad, prescale=cfg.prescale)
+    # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
+    # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
+    # else lowbit.quantize's XLA ops.
+    return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
+                    key=key if cfg.rounding == "stochastic" else None,
+                    scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
 
 
 def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import lowbit
-import lowbit.dot as dot_module
 from lowbit.kernels import (
     QUANTIZE_IMPLS,
     dispatch,
@@ -36,9 +35,9 @@ def _default_switch():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of the fused kernel (at trace time) and of lowbit.quantize made by dot.py."""
+    """Counts calls of the fused kernel (at trace time) and of lowbit.quantize made for dot.py."""
     calls = {"fused": 0, "xla": 0}
-    real_fused, real_xla = dispatch.quantize_fused, dot_module.quantize
+    real_fused, real_xla = dispatch.quantize_fused, dispatch.quantize_xla
 
     def fused(*args, **kwargs):
         calls["fused"] += 1
@@ -49,7 +48,7 @@ def kernel_calls(monkeypatch):
         return real_xla(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "quantize_fused", fused)
-    monkeypatch.setattr(dot_module, "quantize", xla)
+    monkeypatch.setattr(dispatch, "quantize_xla", xla)
     return calls
 
 

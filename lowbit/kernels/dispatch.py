@@ -21,7 +21,7 @@ call: per-tensor FP8 and FP6 formats, a blocked axis that is not a multiple of t
 tiles that would straddle a leading batch index), non-float or empty arrays.
 
 Entry points: `quantize` (a drop-in for lowbit.quantize), `use_fused` (the decision alone) and
-`quantize_fused_nd` (the kernel on [..., rows, K] arrays); lowbit.dot uses the last two.
+`quantize_fused_nd` (the kernel on [..., rows, K] arrays); lowbit.dot calls `quantize`.
 
 The switch is read when a function is traced: a function already compiled by jax.jit keeps the
 implementation it was traced with (jit a fresh function, or clear its cache, after switching).
@@ -36,10 +36,9 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lowbit.formats import Format, get_format
-from lowbit.kernels.quantize_pallas import fused_available, quantize_fused
+from lowbit.kernels.quantize_pallas import fused_available, normalized_axes, quantize_fused
 from lowbit.quantize import QArray
 from lowbit.quantize import quantize as quantize_xla
 
@@ -94,15 +93,6 @@ def _matrix_axes(shape: tuple[int, ...], axes: tuple[int, ...], block: int) -> t
     return None
 
 
-def _normalized_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...] | None:
-    """lowbit.quantize's axis normalisation (sorted, non-negative), or None when it would reject it."""
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
-    if not 1 <= len(axes) <= 2 or not all(-ndim <= int(a) < ndim for a in axes):
-        return None
-    out = tuple(sorted(int(a) % ndim for a in axes))
-    return out if len(set(out)) == len(out) else None
-
-
 def _single_device() -> bool:
     """One device in the process: no SPMD partitioning that a pallas_call would defeat."""
     return jax.device_count() == 1
@@ -115,7 +105,7 @@ def _kernel_axes(x: jax.Array, fmt: Format, axis: int | Sequence[int], rounding:
         return None
     if rounding == "stochastic" and key is None:
         return None  # lowbit.quantize raises the error that names the fix
-    axes = _normalized_axes(axis, x.ndim)
+    axes = normalized_axes(axis, x.ndim)
     kernel_axes = None if axes is None else _matrix_axes(tuple(x.shape), axes, fmt.block_size)
     if kernel_axes is None:
         return None
@@ -176,7 +166,7 @@ def quantize_fused_nd(
     else:
         scale_shape = (*x.shape[:-1], x.shape[-1] // block)
     return QArray(q.data.reshape(x.shape), q.scale.reshape(scale_shape), q.tensor_scale, fmt,
-                  _normalized_axes(axis, x.ndim), q.prescale)
+                  normalized_axes(axis, x.ndim), q.prescale)
 
 
 def quantize(

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from lowbit.formats import Format, get_format
-from lowbit.quantize import ROUNDINGS, SCALE_MODES, QArray, _div_rn
+from lowbit.quantize import ROUNDINGS, SCALE_MODES, QArray, _div_rn, _normalize_axes
 
 RNG_SOURCES = ("hash", "bits")  # in-kernel counter hash | jax.random.bits(key, x.shape) read from HBM
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
@@ -296,12 +296,12 @@ def _triton_available() -> bool:
     return True
 
 
-def _normalize_axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
-    if not 1 <= len(axes) <= 2 or not all(-ndim <= int(a) < ndim for a in axes):
+def normalized_axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
+    """lowbit.quantize's axis normalisation (sorted, non-negative), or None where it raises."""
+    try:
+        return _normalize_axes(axis, ndim)
+    except ValueError:
         return None
-    out = tuple(sorted(int(a) % ndim for a in axes))
-    return out if len(set(out)) == len(out) else None
 
 
 def fused_available(
@@ -327,7 +327,7 @@ def fused_available(
         return False
     if rounding not in ROUNDINGS or scale_mode not in SCALE_MODES or pad:
         return False
-    axes = _normalize_axes(axis, 2)
+    axes = normalized_axes(axis, 2)
     if axes not in ((1,), (0, 1)):
         return False
     if any(x.shape[a] % fmt.block_size or x.shape[a] == 0 for a in axes):
@@ -385,7 +385,7 @@ def quantize_fused(
         )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    axes = _normalize_axes(axis, 2)
+    axes = normalized_axes(axis, 2)
     plan = _Plan(
         kind=fmt.kind, block=fmt.block_size, tile_rows=fmt.block_size if axes == (0, 1) else 1,
         emin=fmt.emin, emax=fmt.emax, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
