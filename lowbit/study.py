@@ -5,9 +5,9 @@
 initial weights) and the same data order, each in WORKDIR/<recipe>. Calls resume: finished recipes
 are skipped, a partial one continues from its checkpoint, and `--time-budget-s` stops cleanly (the
 step finishes and is saved), so a study can be chained over several time-limited jobs. `--jobs N`
-trains N recipes at once in child processes (log: WORKDIR/<recipe>.log) sharing the accelerator:
-their compilations overlap and a small model's GEMMs leave the GPU room. When every recipe is
-done it writes WORKDIR/summary.{json,md} and WORKDIR/curves.png.
+trains N recipes at once in child processes (log: WORKDIR/<recipe>.log) sharing the accelerator,
+so that their compilations overlap; `--take-turns` then trains them one at a time, in recipe order.
+When every recipe is done it writes WORKDIR/summary.{json,md}, curves.png and gap_to_bf16.png.
 
 Gap to bf16: (loss_recipe - loss_bf16) / loss_bf16, on the final validation loss and on the
 final train loss (mean of the last `TAIL` logged train losses, which damps step-to-step noise).
@@ -112,7 +112,7 @@ def run_jobs(recipes: Sequence[str], workdir: Path, child_args: Sequence[str], j
     return codes
 
 
-def _finals(train_rows: Sequence[dict], val_rows: Sequence[dict],
+def final_losses(train_rows: Sequence[dict], val_rows: Sequence[dict],
             last_step: int) -> tuple[float, float | None]:
     """(mean of the last TAIL train losses, last val loss), both over steps <= last_step."""
     losses = [r["loss"] for r in train_rows if r["step"] <= last_step][-TAIL:]
@@ -120,6 +120,7 @@ def _finals(train_rows: Sequence[dict], val_rows: Sequence[dict],
     return float(np.nanmean(losses)), (val[-1] if val else None)
 
 
+@contextlib.contextmanager
 def turn_in_order(workdir: Path, recipe: str, poll_s: float = 0.5) -> Iterator[None]:
     """Wait until WORKDIR/turn names `recipe` (run_jobs writes it, in recipe order)."""
     while not ((workdir / TURN_FILE).is_file() and (workdir / TURN_FILE).read_text() == recipe):
@@ -142,14 +143,14 @@ def summarize(workdir: Path, recipes: Sequence[str], config: Config) -> dict[str
     rows = {}
     for recipe, (train_rows, val_rows) in metrics.items():
         steps = train_rows[-1]["step"]
-        final_train, final_val = _finals(train_rows, val_rows, steps)
+        final_train, final_val = final_losses(train_rows, val_rows, steps)
         row = {"final_train_loss": final_train, "final_val_loss": final_val, "steps": steps,
                "complete": steps >= config.train.steps, "tokens_seen": steps * tokens_per_step,
                "nonfinite_steps": train_rows[-1].get("nonfinite_count", 0),
                "gap_to_bf16_train_loss": None, "gap_to_bf16_val_loss": None, "gap_step": None}
         if reference is not None:
             at = min(steps, reference[0][-1]["step"])
-            mine, base = _finals(train_rows, val_rows, at), _finals(*reference, at)
+            mine, base = final_losses(train_rows, val_rows, at), final_losses(*reference, at)
             row["gap_step"] = at
             for index, key in enumerate(("gap_to_bf16_train_loss", "gap_to_bf16_val_loss")):
                 if mine[index] is not None and base[index]:
@@ -206,9 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="recipes trained at once, each in its own process (default: 1, in this one)")
     parser.add_argument("--take-turns", action="store_true",
                         help="with --jobs: compile concurrently, then train one recipe at a time on the "
-                             "accelerator (many processes time-slicing one GPU run slower than in turn)")
+                             "accelerator, in the order of --recipes (recipes finish one by one)")
     parser.add_argument("--summarize", action="store_true",
-                        help="train nothing: write summary.{json,md} and curves.png for the runs as they are "
+                        help="train nothing: write the summary and figures for the runs as they are "
                              "(runs that stopped early are compared with bf16 at their last step)")
     # set for --jobs children: train only, the parent summarizes
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
@@ -241,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_summary:  # a --jobs child: train, leave the summary to the parent
         turn = None
         if args.take_turns:
-            turn = contextlib.contextmanager(functools.partial(turn_in_order, workdir, recipes[0]))
+            turn = functools.partial(turn_in_order, workdir, recipes[0])
         run_study(config, recipes, workdir, args.time_budget_s, write=False, device_turn=turn)
         return 0
     if args.jobs > 1:

@@ -621,10 +621,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from lowbit.plot import read_metrics, smooth
-from lowbit.study import TAIL
+from lowbit.study import TAIL, final_losses
 """),
     ("code", """\
 def find_runs(root) -> dict[str, Path]:
@@ -713,10 +711,9 @@ plt.show()
 """),
     ("code", """\
 def finals(train_rows, val_rows, last_step):
-    \"\"\"Mean of the last TAIL train losses and the last val loss, both at steps <= last_step.\"\"\"
-    train = [r["loss"] for r in train_rows if r["step"] <= last_step][-TAIL:]
-    val = [r for r in val_rows if r["step"] <= last_step]
-    return float(np.nanmean(train)), (val[-1]["val_loss"] if val else float("nan"))
+    \"\"\"lowbit.study.final_losses (means of the last TAIL train losses, last val loss), NaN if no val.\"\"\"
+    train, val = final_losses(train_rows, val_rows, last_step)
+    return train, (float("nan") if val is None else val)
 
 
 # A run that stopped early (a partial study) is compared with the reference at its own last step,
