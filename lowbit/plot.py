@@ -63,6 +63,23 @@ def relative_gap(rows: Sequence[dict[str, Any]], reference: Sequence[dict[str, A
     return steps, (run_s - ref_s) / ref_s
 
 
+def _plot_absolute(axes: Any, run_dirs: Sequence[str | Path], metric: str, show_val: bool,
+                   smoothing: float) -> None:
+    for index, run_dir in enumerate(run_dirs):
+        color = f"C{index % 10}"
+        train_rows, val_rows = read_metrics(run_dir)
+        label = run_label(run_dir)
+        rows = [r for r in train_rows if metric in r]
+        if rows:
+            steps = [r["step"] for r in rows]
+            axes.plot(steps, [r[metric] for r in rows], color=color, alpha=0.2, linewidth=0.8)
+            axes.plot(steps, smooth([r[metric] for r in rows], smoothing), color=color, label=label)
+        if show_val and val_rows:
+            axes.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--", color=color,
+                      markersize=4, linewidth=0.8, label=f"{label} val" if rows else label)
+    axes.set_ylabel(metric)
+
+
 def _plot_relative(axes: Any, run_dirs: Sequence[str | Path], reference: str | Path, metric: str,
                    show_val: bool, smoothing: float) -> None:
     ref_train, ref_val = read_metrics(reference)
@@ -92,21 +109,8 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, metric: str
     axes = figure.subplots()
     if relative_to is not None:
         _plot_relative(axes, run_dirs, relative_to, metric, show_val, smoothing)
-        run_dirs = []
     else:
-        axes.set_ylabel(metric)
-    for index, run_dir in enumerate(run_dirs):
-        color = f"C{index % 10}"
-        train_rows, val_rows = read_metrics(run_dir)
-        label = run_label(run_dir)
-        rows = [r for r in train_rows if metric in r]
-        if rows:
-            steps = [r["step"] for r in rows]
-            axes.plot(steps, [r[metric] for r in rows], color=color, alpha=0.2, linewidth=0.8)
-            axes.plot(steps, smooth([r[metric] for r in rows], smoothing), color=color, label=label)
-        if show_val and val_rows:
-            axes.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--", color=color,
-                      markersize=4, linewidth=0.8, label=f"{label} val" if rows else label)
+        _plot_absolute(axes, run_dirs, metric, show_val, smoothing)
     axes.set_xlabel("step")
     if log_x:
         axes.set_xscale("log")
