@@ -1,0 +1,137 @@
+"""Where does lowbit.train's step time go that `bench step` does not see? (GPU diagnostic)
+
+Measured on an H200 (2026-11-23): `bench step` small bf16 at batch 32 runs 27 ms/step, the train
+loop 120-130 ms/step. Both call the same jitted train.make_train_step. This times the step under
+the differences between the two, one at a time (medians over --steps steps, synced per step):
+
+  rand-fixed     random tokens, one fixed batch (what `bench step` times)
+  real-fixed     one real batch from make_train_iter, fixed
+  real-stream    a new real batch per step (next(iter) + shard_batch), as the train loop
+  real-async     as real-stream without a per-step sync (the loop's own timing: wall / steps)
+  then --train-steps more real steps, and rand-fixed / real-fixed again on the trained state.
+
+With --trace DIR it also records a jax.profiler trace of a few real-stream steps and prints the
+kernels that take the most device time. Usage:
+  python tools/step_gap.py --config small --recipe bf16 --steps 20 --train-steps 150 --trace /tmp/tr
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import lowbit
+from lowbit import train
+from lowbit.config import load_config
+from lowbit.data import make_train_iter
+
+
+def timed(run_step, steps: int, sync_each: bool = True) -> float:
+    """Median ms/step (sync_each) or mean ms/step over the whole loop (async)."""
+    times, t_all = [], time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = run_step()
+        if sync_each:
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t0)
+    jax.block_until_ready(out)
+    return 1e3 * (statistics.median(times) if sync_each else (time.perf_counter() - t_all) / steps)
+
+
+def top_events(trace_dir: Path, top: int = 15) -> dict[str, list[tuple[str, float, int]]]:
+    """Per traced process (host threads, GPU streams): (name, total ms, count) of the longest events."""
+    files = sorted(trace_dir.rglob("perfetto_trace.json.gz")) or sorted(trace_dir.rglob("*.json.gz"))
+    if not files:
+        return {}
+    events = json.load(gzip.open(files[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: str(e.get("args", {}).get("name", e["pid"])) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total: dict[tuple, float] = collections.defaultdict(float)
+    count: dict[tuple, int] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X":
+            key = (names.get(e.get("pid"), str(e.get("pid"))), e.get("name", "?"))
+            total[key] += e.get("dur", 0) / 1e3
+            count[key] += 1
+    out: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
+    for (proc, name) in sorted(total, key=total.get, reverse=True):
+        if len(out[proc]) < top:
+            out[proc].append((name, total[proc, name], count[proc, name]))
+    return dict(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="small")
+    p.add_argument("--recipe", default="bf16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--trace", default="")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    config = load_config(args.config, args.overrides)
+    tc = config.train
+    recipe = train.with_backend(lowbit.get_recipe(args.recipe), tc.backend)
+    mesh = train.make_mesh(tc)
+    graphdef, params, rng_state = nnx.split(train.build_model(config, recipe), nnx.Param, ...)
+    state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
+    step_fn = train.make_train_step(graphdef, tc, state, mesh)
+    schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
+
+    b, t = config.data.global_batch_size, config.model.max_target_length
+    tokens = np.random.default_rng(0).integers(1, config.model.vocab_size, (b, t + 1)).astype(np.int32)
+    rand_batch = train.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+    data = make_train_iter(config.data)
+    real_batch = train.shard_batch(next(data), mesh)
+    holder = {"state": state}
+
+    def step_on(batch_fn):
+        def run():
+            holder["state"], metrics = step_fn(holder["state"], batch_fn(), schedule, zero)
+            return metrics
+        return run
+
+    fixed_rand, fixed_real = step_on(lambda: rand_batch), step_on(lambda: real_batch)
+    stream = step_on(lambda: train.shard_batch(next(data), mesh))
+    timed(fixed_rand, 3)  # compile + warm-up
+    rows = [("rand-fixed", timed(fixed_rand, args.steps)), ("real-fixed", timed(fixed_real, args.steps)),
+            ("real-stream", timed(stream, args.steps)),
+            ("real-async", timed(stream, args.steps, sync_each=False))]
+    t0 = time.perf_counter()
+    timed(stream, args.train_steps, sync_each=False)
+    train_ms = 1e3 * (time.perf_counter() - t0) / args.train_steps
+    rows.append((f"(train {args.train_steps} steps, async)", train_ms))
+    rows += [("rand-fixed, trained", timed(fixed_rand, args.steps)),
+             ("real-fixed, trained", timed(fixed_real, args.steps)),
+             ("real-stream, trained", timed(stream, args.steps))]
+    device = jax.devices()[0].device_kind
+    print(f"\n{args.config} {args.recipe} batch {b} x {t} on {device}, jax {jax.__version__}")
+    print(f"{'variant':34s} {'ms/step':>9s}")
+    for name, ms in rows:
+        print(f"{name:34s} {ms:9.2f}")
+
+    if args.trace:
+        trace_dir = Path(args.trace)
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            timed(stream, 5)
+        print(f"\ntop traced events over 5 real-stream steps (trained state), {trace_dir}")
+        for proc, events in top_events(trace_dir).items():
+            print(f"-- {proc}")
+            for name, ms, n in events:
+                print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
