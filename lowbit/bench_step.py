@@ -35,7 +35,8 @@ STEP_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 STEP_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiny": ("tiny", ("global_batch_size=8",)),
     "small": ("small", ("moe_impl=capacity", "global_batch_size=64")),
-    "moe-1.8b": ("small", ("vocab_size=32768", "emb_dim=2048", "mlp_dim=8192", "moe_mlp_dim=4096",
+    "moe-1.8b": ("small", ("vocab_size=32768", "use_iota_embed=false", "emb_dim=2048", "mlp_dim=8192",
+                           "moe_mlp_dim=4096",
                            "num_query_heads=16", "num_kv_heads=8", "head_dim=128", "num_decoder_layers=8",
                            "num_experts=8", "num_experts_per_tok=2", "max_target_length=2048",
                            "global_batch_size=8", "moe_impl=capacity", "remat_policy=none")),

@@ -29,6 +29,7 @@ from lowbit.model import (
     num_params,
     router_z_loss,
 )
+from lowbit.model.decoder import embed_tokens
 from lowbit.model.moe import capacity_dispatch, route
 
 
@@ -558,3 +559,34 @@ def test_tied_lm_head_is_scaled_embedding_transpose():
     final = np64(model.decoder_norm(x))
     want = final @ np64(model.token_embedder.embedding[...]).T / np.sqrt(cfg.emb_dim)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_iota_embed_matches_lookup_and_its_gradient_is_the_row_sums(dtype):
+    # Skewed tokens (most are 3, as hot bytes in text) and one per-row count >= 2 exercise the sum.
+    embedder = nnx.Embed(16, 8, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray([[3, 3, 3, 0, 15], [3, 7, 3, 3, 7]], jnp.int32)
+    np.testing.assert_array_equal(embed_tokens(embedder, tokens, iota=True),
+                                  embed_tokens(embedder, tokens, iota=False))
+    cotangent = np.random.default_rng(1).standard_normal((2, 5, 8))
+    graphdef, params = nnx.split(embedder)
+
+    def pulled_back(iota):
+        def f(params):
+            out = embed_tokens(nnx.merge(graphdef, params), tokens, iota)
+            return jnp.sum(out.astype(jnp.float32) * cotangent)
+        return np64(jax.grad(f)(params)["embedding"][...])
+
+    want = np.zeros((16, 8))
+    np.add.at(want, np.asarray(tokens).ravel(), cotangent.reshape(-1, 8))
+    # bf16: the cotangent is rounded to bf16 (rel 2^-8) before the f32 row sums of <= 6 terms.
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(pulled_back(True), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(pulled_back(False), want, rtol=tol, atol=tol)
+
+
+def test_iota_embed_model_matches_lookup_model():
+    tokens = random_tokens(27, 2, 8)
+    logits = [forward(Decoder(tiny(use_iota_embed=iota), rngs=nnx.Rngs(28)), tokens)[0]
+              for iota in (False, True)]
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -60,6 +60,9 @@ class ModelConfig:
     remat_policy: str = "none"
     scan_layers: bool = False  # run runs of identical consecutive layers as one lax.scan (compile once)
     logits_via_embedding: bool = False
+    # Embedding lookup as one_hot(tokens) @ table (MaxText's use_iota_embed): its gradient is a GEMM
+    # instead of a scatter-add, whose atomics serialize on the few hot rows of a small (byte) vocab.
+    use_iota_embed: bool = False
     normalization_layer_epsilon: float = 1e-6
     init_scale: float = 1.0  # variance-scaling factor of every kernel (fan_in, truncated normal)
     embedding_init_scale: float = 1.0  # stddev of the token embedding

@@ -139,6 +139,20 @@ def _scan_segment(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.A
     return x, [jax.tree.map(lambda s, i=i: s[i], stats) for i in range(len(layers))]
 
 
+def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool) -> jax.Array:
+    """table[tokens]; with `iota`, one_hot(tokens, V) @ table (exact: one nonzero term per output).
+
+    The gather's gradient is a scatter-add into the table: on an H200 it took 123 of the 140 ms of a
+    `small` (byte vocab) training step on real text; the one-hot form's gradient is a [V, N] x [N, D] GEMM.
+    Out-of-range tokens give a zero row here (jnp.take's default fill gives NaN).
+    """
+    if not iota:
+        return embedder(tokens)
+    table = embedder.embedding[...]
+    table = table.astype(embedder.dtype or table.dtype)
+    return jnp.dot(jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype), table)
+
+
 class Decoder(nnx.Module):
     """tokens int32[B, T] -> (logits f32[B, T, V], aux).
 
@@ -169,7 +183,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"tokens must be int32[batch, length], got shape {tokens.shape}")
         if positions is None:
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        x = self.token_embedder(tokens)
+        x = embed_tokens(self.token_embedder, tokens, cfg.use_iota_embed)
         policy = remat_policy(cfg.remat_policy)
         call = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy, prevent_cse=True)
         layer_stats = []
