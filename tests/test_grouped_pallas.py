@@ -1,0 +1,180 @@
+"""lowbit.kernels.grouped_pallas: one-launch grouped GEMM (Pallas interpret mode on the CPU).
+
+References are per-group float64 NumPy matmuls on the same (already rounded) operand values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import lax
+
+from lowbit.kernels.grouped_pallas import grouped_matmul, tile_schedule
+
+M, K, N, E = 96, 32, 48, 4
+TILE = (16, 16, 16)
+BM = TILE[0]
+# (name, group sizes): every case sums to <= M.
+GROUPINGS = [
+    # empty group, group < one tile (7), exact tile multiple (32), sum 59 < M: trailing rows zero.
+    ("uneven", (20, 0, 32, 7)),
+    ("all_rows_assigned", (33, 16, 1, 46)),
+    ("one_expert_takes_all", (0, 0, 96, 0)),
+    ("nothing_assigned", (0, 0, 0, 0)),
+]
+
+
+def _operands(dtype_lhs=np.float32, dtype_rhs=np.float32, seed=0, k=K, n=N, layout="ekn"):
+    rng = np.random.default_rng(seed)
+    lhs = rng.standard_normal((M, k)).astype(dtype_lhs)
+    rhs = rng.standard_normal((E, k, n)).astype(dtype_rhs)
+    return lhs, (rhs if layout == "ekn" else np.swapaxes(rhs, 1, 2).copy())
+
+
+def _reference(lhs, rhs_ekn, sizes) -> np.ndarray:
+    """out[rows of e] = lhs[rows of e] @ rhs[e] in float64; rows past sum(sizes) are 0."""
+    lhs64, rhs64 = np.asarray(lhs, np.float64), np.asarray(rhs_ekn, np.float64)
+    out = np.zeros((lhs.shape[0], rhs64.shape[2]))
+    start = 0
+    for e, size in enumerate(sizes):
+        out[start:start + size] = lhs64[start:start + size] @ rhs64[e]
+        start += size
+    return out
+
+
+def _abs_bound(lhs, rhs_ekn, sizes) -> np.ndarray:
+    """|lhs| @ |rhs| per group: the scale of float32 accumulation error for each output."""
+    return _reference(np.abs(np.asarray(lhs, np.float64)), np.abs(np.asarray(rhs_ekn, np.float64)), sizes)
+
+
+def test_tile_schedule_covers_every_row_once_and_never_straddles_groups():
+    sizes = (20, 0, 32, 7)
+    schedule = jax.tree.map(np.asarray, tile_schedule(jnp.asarray(sizes, jnp.int32), M, BM, 3))
+    assert schedule.expert.shape == (-(-M // BM) + E,)  # static bound ceil(M / bm) + E
+    ends = np.cumsum(sizes)
+    starts = ends - np.asarray(sizes)
+    covered = np.zeros(M, int)
+    for expert, first, rows, k_steps in zip(*schedule, strict=True):
+        covered[first:first + rows] += 1
+        if k_steps:  # a real tile: all its rows inside its expert's group
+            assert k_steps == 3 and 1 <= rows <= BM
+            assert starts[expert] <= first and first + rows <= ends[expert]
+        else:  # zero tile or idle: only rows no group owns
+            assert rows == 0 or first >= ends[-1]
+    np.testing.assert_array_equal(covered, np.ones(M, int))
+    real_tiles = int(np.sum(schedule.k_steps > 0))
+    assert real_tiles == sum(-(-s // BM) for s in sizes)  # ceil(g_e / bm) tiles per group
+
+
+@pytest.mark.parametrize("name, sizes", GROUPINGS, ids=[g[0] for g in GROUPINGS])
+def test_forward_f32_matches_float64_reference(name, sizes):
+    lhs, rhs = _operands(seed=len(name))
+    run = jax.jit(lambda x, w, g: grouped_matmul(x, w, g, tile=TILE))  # group sizes traced
+    out = np.asarray(run(lhs, rhs, jnp.asarray(sizes, jnp.int32)))
+    assert out.dtype == np.float32
+    reference = _reference(lhs, rhs, sizes)
+    # float32 accumulation of K=32 products: error <= ~K * 2^-24 * (|x| @ |w|).
+    np.testing.assert_array_less(np.abs(out - reference), 1e-5 * _abs_bound(lhs, rhs, sizes) + 1e-30)
+    assert not np.any(out[sum(sizes):]), "rows past sum(group_sizes) must be exactly zero"
+
+
+def test_forward_enk_layout_and_ragged_tiles():
+    """rhs [E, N, K]; K=40, N=24 not multiples of the 16-wide blocks (masked tails); another launch order."""
+    sizes = (20, 0, 32, 7)
+    lhs, rhs_enk = _operands(seed=3, k=40, n=24, layout="enk")
+    out = np.asarray(grouped_matmul(lhs, rhs_enk, np.asarray(sizes, np.int32), tile=TILE, rhs_layout="enk",
+                                    group_m=3))  # launch order: 10 row tiles in groups of 3
+    rhs_ekn = np.swapaxes(rhs_enk, 1, 2)
+    reference = _reference(lhs, rhs_ekn, sizes)
+    np.testing.assert_array_less(np.abs(out - reference), 1e-5 * _abs_bound(lhs, rhs_ekn, sizes) + 1e-30)
+    assert not np.any(out[sum(sizes):])
+
+
+def test_forward_bf16_rounds_float32_accumulation_once():
+    sizes = (20, 0, 32, 7)
+    lhs, rhs = _operands(ml_dtypes.bfloat16, ml_dtypes.bfloat16, seed=4)
+    out = grouped_matmul(lhs, rhs, np.asarray(sizes, np.int32), tile=TILE)
+    assert out.dtype == jnp.bfloat16  # bf16 in -> bf16 out, as lax.ragged_dot
+    out = np.asarray(out, np.float64)
+    reference = _reference(lhs, rhs, sizes)
+    # One final rounding to bfloat16 (8 significant bits: <= 2^-8 relative) after float32 accumulation.
+    bound = 2.0**-8 * np.abs(reference) + 1e-5 * _abs_bound(lhs, rhs, sizes) + 1e-30
+    np.testing.assert_array_less(np.abs(out - reference), bound)
+    assert not np.any(out[sum(sizes):])
+
+
+@pytest.mark.parametrize("rhs_dtype, out_dtype", [(ml_dtypes.float8_e4m3fn, jnp.float32),
+                                                  (ml_dtypes.float8_e5m2, jnp.bfloat16)])
+def test_forward_fp8_operands(rhs_dtype, out_dtype):
+    sizes = (20, 0, 32, 7)
+    lhs, rhs = _operands(ml_dtypes.float8_e4m3fn, rhs_dtype, seed=5)
+    out = grouped_matmul(lhs, rhs, np.asarray(sizes, np.int32), tile=TILE, preferred_element_type=out_dtype)
+    assert out.dtype == out_dtype
+    out = np.asarray(out, np.float64)
+    reference = _reference(lhs, rhs, sizes)  # on the same fp8 values
+    final_rounding = 2.0**-8 if out_dtype == jnp.bfloat16 else 2.0**-24
+    bound = final_rounding * np.abs(reference) + 1e-6 * _abs_bound(lhs, rhs, sizes) + 1e-30
+    np.testing.assert_array_less(np.abs(out - reference), bound)
+
+
+def test_matches_lax_ragged_dot_f32():
+    sizes = jnp.asarray((20, 0, 32, 7), jnp.int32)
+    lhs, rhs = _operands(seed=6)
+    ours = np.asarray(grouped_matmul(lhs, rhs, sizes, tile=TILE))
+    theirs = np.asarray(lax.ragged_dot(lhs, rhs, sizes, precision=lax.Precision.HIGHEST))
+    # Same math, possibly another summation order: a few float32 ulps of |x| @ |w|.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.max(_abs_bound(lhs, rhs, (20, 0, 32, 7))))
+    np.testing.assert_array_equal(ours[59:], theirs[59:])
+
+
+@pytest.mark.parametrize("layout", ["ekn", "enk"])
+def test_gradients_match_float64_reference(layout):
+    sizes = (20, 0, 32, 7)
+    lhs, rhs = _operands(seed=7, layout=layout)
+    cot = np.random.default_rng(8).standard_normal((M, N)).astype(np.float32)
+
+    def loss(x, w):  # sum(cot * out): dX = cot @ W_eᵀ per group, dW_e = X_eᵀ cot_e
+        out = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), tile=TILE, rhs_layout=layout)
+        return jnp.sum(cot * out)
+
+    dlhs, drhs = jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs)
+    rhs_ekn = rhs if layout == "ekn" else np.swapaxes(rhs, 1, 2)
+    ref_dlhs = _reference(cot, np.swapaxes(rhs_ekn, 1, 2), sizes)
+    ref_drhs = np.zeros((E, K, N))
+    start = 0
+    for e, size in enumerate(sizes):
+        ref_drhs[e] = lhs[start:start + size].T.astype(np.float64) @ cot[start:start + size]
+        start += size
+    drhs_ekn = np.asarray(drhs if layout == "ekn" else np.swapaxes(drhs, 1, 2))
+    abs_dlhs = _reference(np.abs(cot), np.abs(np.swapaxes(rhs_ekn, 1, 2)), sizes)
+    np.testing.assert_array_less(np.abs(np.asarray(dlhs) - ref_dlhs), 1e-5 * abs_dlhs + 1e-30)
+    abs_drhs = np.stack([np.abs(lhs[s:s + n]).T.astype(np.float64) @ np.abs(cot[s:s + n])
+                         for s, n in zip(np.cumsum(sizes) - sizes, sizes, strict=True)])
+    np.testing.assert_array_less(np.abs(drhs_ekn - ref_drhs), 1e-5 * abs_drhs + 1e-30)
+    assert not np.any(np.asarray(dlhs)[59:]), "rows no group owns get no gradient"
+    assert not np.any(drhs_ekn[1]), "an empty group's weight gradient is zero"
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    (((M, K), (E, K, N), (E + 1,)), {}, ValueError, "one size per rhs expert"),
+    (((M, K), (E, K + 1, N), (E,)), {}, ValueError, "contracting sizes differ"),
+    (((M, K), (E, N, K), (E,)), {}, ValueError, "rhs_layout='enk'"),
+    (((M, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),
+    (((M, K), (E, K, N), (E,)), {"rhs_layout": "kn"}, ValueError, "rhs_layout must be"),
+])
+def test_bad_shapes_raise_value_error_naming_the_fix(args, kwargs, error, match):
+    lhs_shape, rhs_shape, sizes_shape = args
+    with pytest.raises(error, match=match):
+        grouped_matmul(jnp.zeros(lhs_shape), jnp.zeros(rhs_shape), jnp.zeros(sizes_shape, jnp.int32),
+                       **kwargs)
+
+
+def test_bad_dtypes_raise_type_error_naming_the_fix():
+    with pytest.raises(TypeError, match="astype"):
+        grouped_matmul(jnp.zeros((M, K)), jnp.zeros((E, K, N)), jnp.zeros((E,), jnp.float32))
+    with pytest.raises(TypeError, match="lax.ragged_dot"):
+        grouped_matmul(jnp.zeros((M, K), jnp.int8), jnp.zeros((E, K, N), jnp.int8),
+                       jnp.zeros((E,), jnp.int32))
