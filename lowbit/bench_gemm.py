@@ -7,7 +7,8 @@ as a ratio to BF16 measured in the same run; reference rows: BF16 forward, raw F
 grouped: MoE grouped GEMM of T tokens routed top-k to E experts with Zipf-like expert popularity:
 dense GEMM of the same useful FLOPs, balanced batched GEMM, `lax.ragged_dot` (dropless
 reference), capacity-padded batched GEMM (factor 1.25, drops overflow) and
-`lowbit.grouped.grouped_matmul` (dropless chunk loops), in BF16 and per-tensor FP8.
+`lowbit.grouped.grouped_matmul` (dropless chunk loops) and `lowbit.kernels.grouped_pallas` (dropless,
+one Pallas launch; Triton on a GPU, interpret mode elsewhere), in BF16 and per-tensor FP8.
 
 Every variant is wrapped: a failure is recorded verbatim and the next one runs; `--time-budget-s`
 stops starting new variants; the table is printed at the end and JSON written after every row.
@@ -315,7 +316,7 @@ GROUPED_CONFIGS = {
              "e8k8": (8, 8, 64, 32)},
 }
 GROUPED_TOKENS = {"full": 16384, "tiny": 256}
-GROUPED_VARIANTS = ("dense", "batched", "ragged_dot", "capacity", "grouped")
+GROUPED_VARIANTS = ("dense", "batched", "ragged_dot", "capacity", "grouped", "pallas")
 
 
 def zipf_group_sizes(tokens: int, experts: int, top_k: int, exponent: float, seed: int) -> np.ndarray:
@@ -391,6 +392,10 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                              lambda x, w, s=small, b=big: grouped_matmul(
                                  x, w, sizes, rhs_layout="enk", chunk=s, big_chunk=b,
                                  preferred_element_type=out_dtype)))
+    if "pallas" in names:
+        from lowbit.kernels.grouped_pallas import grouped_matmul as pallas_grouped_matmul
+        variants.append(("pallas grouped (dropless)", "ekn", lambda x, w: pallas_grouped_matmul(
+            x, w, sizes, preferred_element_type=out_dtype)))
     del fp8
     return variants
 
@@ -513,7 +518,8 @@ def add_gemm_parser(subparsers: Any) -> None:
 
 
 def add_grouped_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("grouped", help="MoE grouped GEMM: dense, ragged_dot, capacity, lowbit.grouped")
+    p = subparsers.add_parser("grouped",
+                              help="MoE grouped GEMM: dense, ragged_dot, capacity, lowbit.grouped, pallas")
     add_common_args(p)
     p.add_argument("--configs", default="e8k2,e64k8",
                    help="comma list of e8k2 (Mixtral), e64k8 (DeepSeek-like), e64k2, e8k8")
