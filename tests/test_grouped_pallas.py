@@ -178,3 +178,28 @@ def test_bad_dtypes_raise_type_error_naming_the_fix():
     with pytest.raises(TypeError, match="lax.ragged_dot"):
         grouped_matmul(jnp.zeros((M, K), jnp.int8), jnp.zeros((E, K, N), jnp.int8),
                        jnp.zeros((E,), jnp.int32))
+
+
+@pytest.mark.parametrize("lhs_dtype, rhs_dtype, out_dtype, layout", [
+    (jnp.bfloat16, jnp.bfloat16, None, "ekn"), (jnp.float8_e4m3fn, jnp.float8_e4m3fn, jnp.bfloat16, "enk"),
+    (jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float32, "ekn")])
+def test_lowers_to_triton_for_a_gpu_without_one(lhs_dtype, rhs_dtype, out_dtype, layout):
+    """The Pallas -> Triton IR step (power-of-two blocks, masked dynamic loads, scalar schedule reads,
+    dynamic-trip-count loops) runs on the CPU; compiling that IR to PTX needs the GPU."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    rows, k, n = 1000, 200, 136  # no dim a multiple of its block: masked tails on every axis
+    lhs = jax.ShapeDtypeStruct((rows, k), lhs_dtype)
+    rhs = jax.ShapeDtypeStruct((8, k, n) if layout == "ekn" else (8, n, k), rhs_dtype)
+    sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
+    cot = jax.ShapeDtypeStruct((rows, n), out_dtype or jnp.bfloat16)
+
+    def forward(x, w, g):
+        return grouped_matmul(x, w, g, preferred_element_type=out_dtype, rhs_layout=layout, interpret=False)
+
+    def forward_backward(x, w, g, dy):  # fprop, dgrad and wgrad kernels
+        return jax.vjp(lambda a, b: forward(a, b, g), x, w)[1](dy)
+
+    fn, args, kernels = ((forward, (lhs, rhs, sizes), 1) if lhs_dtype != jnp.bfloat16 else
+                         (forward_backward, (lhs, rhs, sizes, cot), 3))
+    hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("xla.gpu.triton") == kernels

@@ -140,7 +140,7 @@ def _load(ref, mask, dtype):
 
     if mask is None:
         return ref[...].astype(dtype)
-    return plgpu.load(ref, mask=mask, other=0).astype(dtype)
+    return plgpu.load(ref, mask=mask, other=jnp.zeros((), ref.dtype)).astype(dtype)
 
 
 def _gmm_kernel(expert_ref, first_row_ref, rows_ref, k_steps_ref, lhs_ref, rhs_ref, out_ref, *,
