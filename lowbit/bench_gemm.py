@@ -367,8 +367,21 @@ def _vjp_fn(forward: Callable) -> Callable:
     return step
 
 
+def parse_pallas_tiles(text: str) -> list[tuple[int, ...]]:
+    """'128:64:128:8,64:64:128' -> [(128, 64, 128, 8, 3), (64, 64, 128, 4, 3)]: bm:bk:bn[:warps[:stages]]."""
+    out = []
+    for item in parse_list(text):
+        fields = [int(f) for f in item.split(":")]
+        if not 3 <= len(fields) <= 5:
+            raise ValueError(f"--pallas-tiles: {item!r} is not bm:bk:bn[:num_warps[:num_stages]]")
+        out.append(tuple(fields + [4, 3][len(fields) - 3:]))
+    return out
+
+
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
-                     chunks: Sequence[tuple[int, int]], fp8: bool) -> list[tuple[str, str, Callable]]:
+                     chunks: Sequence[tuple[int, int]], fp8: bool,
+                     pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 128, 4, 3),),
+                     ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
     out_dtype = BF16
@@ -394,8 +407,12 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                                  preferred_element_type=out_dtype)))
     if "pallas" in names:
         from lowbit.kernels.grouped_pallas import grouped_matmul as pallas_grouped_matmul
-        variants.append(("pallas grouped (dropless)", "ekn", lambda x, w: pallas_grouped_matmul(
-            x, w, sizes, preferred_element_type=out_dtype)))
+        layout = "enk" if fp8 else "ekn"  # Hopper's FP8 MMA wants both operands K-major
+        for bm, bk, bn, warps, stages in pallas_tiles:
+            variants.append((f"pallas grouped {bm}x{bk}x{bn} w{warps}s{stages} (dropless)", layout,
+                             lambda x, w, t=(bm, bk, bn), nw=warps, ns=stages: pallas_grouped_matmul(
+                                 x, w, sizes, preferred_element_type=out_dtype, tile=t, rhs_layout=layout,
+                                 num_warps=nw, num_stages=ns)))
     del fp8
     return variants
 
@@ -460,7 +477,8 @@ def bench_grouped(args: argparse.Namespace) -> Runner:
                     continue  # raw FP8 operands have no backward pass here (lowbit.dot does that)
                 dense_row = None
                 for label, layout, forward in grouped_variants(names, experts, sizes, capacity,
-                                                               parse_chunks(args.chunks), fp8):
+                                                               parse_chunks(args.chunks), fp8,
+                                                               parse_pallas_tiles(args.pallas_tiles)):
                     row = {"config": config, "dtype": dtype, "pass": mode, "variant": label, **routing}
                     flops = (2.0 if mode == "fwd" else 6.0) * slots * k * n
                     if mode == "fwd":
@@ -532,6 +550,8 @@ def add_grouped_parser(subparsers: Any) -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--chunks", default="256:2048,512:512",
                    help="lowbit.grouped chunk settings small:big, comma separated")
+    p.add_argument("--pallas-tiles", default="128:64:128:4:3",
+                   help="pallas variant tiles bm:bk:bn[:num_warps[:num_stages]], comma separated")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)
 
 
