@@ -4,7 +4,8 @@ Scales: MX "floor" is OCP MX v1.0 sec. 6.3 (shared exponent = floor(log2 amax) -
 float32 exponent bits); "rceil" is NVIDIA's round-up rule (cvt.rp.satfinite.ue8m0x2.f32 on
 amax / elem_max). NVFP4: tensor scale amax/(448*6), E4M3 block scale (block_amax/6)/tensor_scale
 (arXiv 2509.25149 sec. 2; torchao nvfp4_quantize). Elements: round-to-nearest-even or stochastic
-rounding onto the element grid. Exact semantics and the implementation choices: docs/numerics.md.
+rounding onto the element grid; SR's u comes from a counter hash of the element's flat index in x
+(sr_uniform), shared with the fused kernel. Exact semantics and choices: docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -132,22 +133,71 @@ def _flush_subnormals(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(x) < _F32_MIN_NORMAL, jnp.copysign(jnp.zeros_like(x), x), x)
 
 
+# ----------------------------------------------------------------------------- SR random bits
+# One definition for lowbit.quantize and the fused kernel (lowbit.kernels.quantize_pallas), so both
+# round every element the same way: u(p) = top 23 bits of mix32(mix32(p ^ s0) ^ s1), p the
+# element's C-order flat index in the quantized x (uint32, wrapping), (s0, s1) drawn from the key.
+def sr_seeds(key: jax.Array) -> jax.Array:
+    """The two uint32 seeds (s0, s1) of SR's counter hash: jax.random.bits(key, (2,), uint32)."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def mix32(h: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons' hash-prospector): a uint32 bijection in which every input bit flips
+    about half the output bits; h ^= h>>16; h *= 0x7feb352d; h ^= h>>15; h *= 0x846ca68b; h ^= h>>16."""
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ lax.shift_right_logical(h, jnp.uint32(15))
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
+
+
+def sr_hash(index: jax.Array, seeds: tuple[jax.Array, jax.Array] | jax.Array) -> jax.Array:
+    """Random uint32 of the element with flat index `index` (uint32): two keyed rounds of mix32,
+    bits = mix32(mix32(index ^ s0) ^ s1)."""
+    return mix32(mix32(index ^ seeds[0]) ^ seeds[1])
+
+
+def uniform_from_bits(bits: jax.Array) -> jax.Array:
+    """u in [0, 1) from the top 23 of 32 random bits, as jax.random.uniform builds it: f32(1.m) - 1."""
+    one_bits = lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+    return lax.bitcast_convert_type(one_bits, jnp.float32) - jnp.float32(1.0)
+
+
+def flat_index(shape: Sequence[int]) -> jax.Array:
+    """uint32 array of `shape` holding each position's C-order flat index mod 2^32 (iotas: XLA fuses it)."""
+    index = jnp.zeros(tuple(shape), jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.uint32, tuple(shape), d) * np.uint32(stride % 2**32)
+        stride *= int(shape[d])
+    return index
+
+
+def sr_uniform(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """SR's u for an array of `shape`: uniform_from_bits(sr_hash(flat_index(shape), sr_seeds(key)))."""
+    return uniform_from_bits(sr_hash(flat_index(shape), sr_seeds(key)))
+
+
 # ----------------------------------------------------------------------------- rounding
 def round_to_grid(
-    y: jax.Array, fmt: Format, rounding: str = "nearest", key: jax.Array | None = None
+    y: jax.Array, fmt: Format, rounding: str = "nearest", key: jax.Array | None = None,
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """Round float32 y (already within ±elem_max) onto fmt's element grid.
 
     ulp(y) = 2^(max(E(|y|), emin) - mbits); nearest: rint(y/ulp)·ulp (ties to even);
-    stochastic: floor(y/ulp) + [u < frac], u ~ U[0, 1), so E[q] = y.
+    stochastic: floor(y/ulp) + [u < frac], u = uniform_from_bits(sr_hash(index, sr_seeds(key))),
+    so E[q] = y. `index`: each element's flat index in the original x (default: flat_index(y.shape)).
     """
     ulp_exp = jnp.maximum(_exponent(y), fmt.emin) - fmt.mbits
     t = _mul_pow2(y, -ulp_exp)
     if rounding == "nearest":
         r = jnp.round(t)
     else:
+        index = flat_index(t.shape) if index is None else index
+        u = uniform_from_bits(sr_hash(index, sr_seeds(key)))
         floor_t = jnp.floor(t)
-        u = jax.random.uniform(key, t.shape, jnp.float32)
         r = floor_t + (u < t - floor_t).astype(jnp.float32)
     return _mul_pow2(r, ulp_exp)
 
@@ -279,6 +329,12 @@ def _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, prescale) -> QAr
 
     xp = _pad_to_blocks(xf, axes, fmt.block_size)
     xb, inner = _split_blocks(xp, axes, fmt.block_size)
+    # SR: each element's flat index in x goes through the same padding and blocking as x itself,
+    # so x[p] is rounded with u(p) however it is blocked (the fused kernel draws the same u).
+    index = None
+    if rounding == "stochastic":
+        index, _ = _split_blocks(_pad_to_blocks(flat_index(x.shape), axes, fmt.block_size), axes,
+                                 fmt.block_size)
     finite = jnp.isfinite(xb)
     abs_finite = jnp.where(finite, jnp.abs(xb), 0.0)
     block_amax = jnp.max(abs_finite, axis=inner, keepdims=True)
@@ -304,17 +360,17 @@ def _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, prescale) -> QAr
         y = xb * recip
         scale = jnp.where(poisoned, jnp.nan, block_scale).astype(fmt.scale_dtype)
 
-    data = _round_elements(jnp.where(poisoned, 0.0, y), fmt, rounding, key, prescale)
+    data = _round_elements(jnp.where(poisoned, 0.0, y), fmt, rounding, key, prescale, index)
     data = _unsplit(data, xp.shape, x.shape).astype(fmt.storage_dtype)
     scale = jnp.squeeze(scale, axis=inner)
     return QArray(data, scale, tensor_scale, fmt, axes, float(prescale))
 
 
-def _round_elements(y, fmt, rounding, key, prescale) -> jax.Array:
+def _round_elements(y, fmt, rounding, key, prescale, index=None) -> jax.Array:
     if prescale != 1.0:
         y = y * np.float32(prescale)
     y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
-    return round_to_grid(y, fmt, rounding, key)
+    return round_to_grid(y, fmt, rounding, key, index)
 
 
 def _quantize_per_tensor(xf, fmt, rounding, key, prescale) -> QArray:

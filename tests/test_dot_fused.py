@@ -1,9 +1,10 @@
 """lowbit's GEMMs with the fused quantize kernel (lowbit.kernels.dispatch; Pallas interpret mode on the CPU).
 
 Forced to "fused", dot_general / einsum / ragged_dot must give the bits of the "xla" switch (outputs
-and gradients), while a counter on the kernel proves it really ran; calls the kernel cannot take
-fall back to lowbit.quantize silently; "auto" stays on XLA on the CPU, with stochastic rounding and
-with several devices; bad switch values are refused with the list of choices.
+and gradients), stochastic rounding included (one hashed u per element for both implementations),
+while a counter on the kernel proves it really ran; calls the kernel cannot take fall back to
+lowbit.quantize silently; "auto" stays on XLA on the CPU and with several devices, and takes SR on
+a (simulated) single GPU; bad switch values are refused with the list of choices.
 """
 
 from __future__ import annotations
@@ -90,11 +91,12 @@ def _assert_same_bits(got, want):
 
 # (recipe, lhs shape, rhs shape, dims, fused quantizations per fwd+bwd).
 # mxfp8: 2 fprop + dgrad W + wgrad X + dY + dYᵀ. nvfp4: X, 16x16-tiled W (reused for dgrad), wgrad X
-# after RHT, dY (SR), dYᵀ (SR, RHT). mxfp4-nosr: BF16 fprop; dgrad and wgrad after RHT64.
+# after RHT, dY (SR), dYᵀ (SR, RHT). mxfp4(-nosr): BF16 fprop; dgrad and wgrad after RHT64 (mxfp4: SR).
 CASES = [
     ("mxfp8", (64, 64), (64, 32), DIMS, 6),
     ("nvfp4", (32, 64), (64, 32), DIMS, 5),
     ("mxfp4-nosr", (64, 64), (64, 64), DIMS, 4),
+    ("mxfp4", (64, 64), (64, 64), DIMS, 4),
     ("nvfp4", (2, 16, 32), (2, 32, 48), BATCHED_DIMS, 5),
     ("mxfp8", (3, 32, 64), (3, 64, 32), BATCHED_DIMS, 6),
 ]
@@ -139,6 +141,35 @@ def test_ragged_dot_uses_the_kernel_where_blocks_run_along_the_last_axis(kernel_
         got = jax.jit(lambda *a: run(*a))(x, w, dy)
     assert kernel_calls["fused"] == 3
     _assert_same_bits(got, want)
+
+
+def test_einsum_and_ragged_dot_with_stochastic_rounding(kernel_calls):
+    """mxfp4 (SR on every backward operand): einsum's dgrad/wgrad operands and ragged_dot's dY and
+    W along N go through the kernel and give the XLA switch's bits (the SR draws included)."""
+    lhs, rhs, g = _inputs((2, 32, 64), (64, 64), (2, 32, 64), seed=8)
+    key = jax.random.key(9)
+
+    def einsum_fwd_bwd(a, b, g):
+        y, vjp = jax.vjp(lambda a, b: lowbit.einsum("mxfp4")("btd,dh->bth", a, b, key=key), a, b)
+        return (y, *vjp(g))
+
+    group_sizes = jnp.array([24, 40], jnp.int32)
+    w = jax.random.normal(jax.random.key(10), (2, 64, 64))
+
+    def ragged_fwd_bwd(x, w, dy):
+        y, vjp = jax.vjp(lambda a, b: lowbit.ragged_dot(a, b, group_sizes, "mxfp4", key=key), x, w)
+        return (y, *vjp(dy))
+
+    x, dy = lhs.reshape(64, 64), g.reshape(64, 64)
+    with quantize_impl("xla"):
+        want = (jax.jit(einsum_fwd_bwd)(lhs, rhs, g), jax.jit(ragged_fwd_bwd)(x, w, dy))
+    with quantize_impl("fused"):
+        got_einsum = jax.jit(lambda *a: einsum_fwd_bwd(*a))(lhs, rhs, g)
+        assert kernel_calls["fused"] == 4  # dgrad dY, W; wgrad X, dY (all SR)
+        got_ragged = jax.jit(lambda *a: ragged_fwd_bwd(*a))(x, w, dy)
+        assert kernel_calls["fused"] == 6  # + W along N, dY along N (tokens-blocked wgrad: XLA)
+    _assert_same_bits(got_einsum, want[0])
+    _assert_same_bits(got_ragged, want[1])
 
 
 def test_shapes_the_kernel_cannot_take_fall_back_to_xla(kernel_calls):
@@ -201,7 +232,7 @@ def test_auto_on_the_cpu_uses_xla(kernel_calls):
 
 def test_auto_policy_on_a_simulated_single_gpu(monkeypatch):
     """With a GPU (simulated: the kernel's availability check told so) and one device, "auto" takes
-    the kernel for round-to-nearest only; stochastic rounding and several devices stay on XLA."""
+    the kernel for round-to-nearest and stochastic rounding alike; several devices stay on XLA."""
     real_available = dispatch.fused_available
     monkeypatch.setattr(dispatch, "fused_available",
                         lambda *a, require_gpu=True, **kw: real_available(*a, require_gpu=False, **kw))
@@ -211,7 +242,9 @@ def test_auto_policy_on_a_simulated_single_gpu(monkeypatch):
         monkeypatch.setattr(dispatch, "_single_device", lambda: True)
         assert dispatch.use_fused(x, "mxfp8")
         assert dispatch.use_fused(x, "nvfp4", axis=(0, 1))
-        assert not dispatch.use_fused(x, "mxfp4", rounding="stochastic", key=key)
+        assert dispatch.use_fused(x, "mxfp4", rounding="stochastic", key=key)
+        assert dispatch.use_fused(x, "nvfp4", rounding="stochastic", key=key)
+        assert not dispatch.use_fused(x, "mxfp4", rounding="stochastic")  # no key: XLA's error
         assert not dispatch.use_fused(x, "mxfp8", axis=0)
         monkeypatch.setattr(dispatch, "_single_device", lambda: False)
         assert not dispatch.use_fused(x, "mxfp8")
@@ -220,6 +253,21 @@ def test_auto_policy_on_a_simulated_single_gpu(monkeypatch):
     with quantize_impl("xla"):
         monkeypatch.setattr(dispatch, "_single_device", lambda: True)
         assert not dispatch.use_fused(x, "mxfp8")
+
+
+def test_auto_runs_stochastic_rounding_in_the_kernel(monkeypatch, kernel_calls):
+    """"auto" on a simulated single GPU: mxfp4's four SR quantizations (dgrad dY, W; wgrad X, dY)
+    run in the kernel with the bits of "xla" (nvfp4's SR dY: test_fused_matches_xla_bit_for_bit)."""
+    real_available = dispatch.fused_available
+    monkeypatch.setattr(dispatch, "fused_available",
+                        lambda *a, require_gpu=True, **kw: real_available(*a, require_gpu=False, **kw))
+    monkeypatch.setattr(dispatch, "_single_device", lambda: True)
+    lhs, rhs, g = _inputs((64, 64), (64, 64), (64, 64), seed=11)
+    want = _fwd_bwd("xla", "mxfp4", lhs, rhs, g)
+    assert kernel_calls["fused"] == 0
+    got = _fwd_bwd("auto", "mxfp4", lhs, rhs, g)
+    assert kernel_calls["fused"] == 4
+    _assert_same_bits(got, want)
 
 
 def test_switch_default_env_and_errors(monkeypatch):

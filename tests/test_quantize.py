@@ -663,17 +663,56 @@ def test_sr_unbiased_two_point(sr_draws):
     assert abs(np.mean(halves == 1.5) - 0.5) <= 5 * np.sqrt(0.25 / halves.size)
 
 
-@pytest.mark.parametrize("name,scale_mode", [("mxfp4", "floor"), ("mxfp8", "rceil"), ("mxfp6_e2m3", "floor"),
-                                             ("nvfp4", "floor"), ("fp8_e5m2", "floor")])
-def test_sr_matches_reference_with_the_same_uniforms(name, scale_mode):
-    """Spec: u = jax.random.uniform(key, x.shape), round up iff u < fractional distance."""
-    x = random_mixed(np.random.default_rng(31), (4, 64))
-    x[:2] = np.random.default_rng(32).standard_normal((2, 64))
+def np_lowbias32(h: np.ndarray) -> np.ndarray:
+    """C. Wellons' lowbias32 in plain NumPy uint32 arithmetic (wrapping products)."""
+    h = np.asarray(h, np.uint32)
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x7FEB352D)
+    h = h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x846CA68B)
+    return h ^ (h >> np.uint32(16))
+
+
+def np_sr_uniform(key, shape=None, index=None) -> np.ndarray:
+    """Spec (docs/numerics.md): (s0, s1) = jax.random.bits(key, (2,), uint32); element p of x has
+    flat index i = C-order position mod 2^32 and u = (lowbias32(lowbias32(i ^ s0) ^ s1) >> 9) / 2^23."""
+    s0, s1 = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    if index is None:
+        index = (np.arange(int(np.prod(shape)), dtype=np.uint64) % 2**32).astype(np.uint32)
+        index = index.reshape(shape)
+    bits = np_lowbias32(np_lowbias32(np.asarray(index, np.uint32) ^ s0) ^ s1)
+    return (bits >> np.uint32(9)).astype(np.float64) / 2.0**23
+
+
+# (name, scale_mode, shape, axis, pad): blocks along the last axis, along leading axes, 2-D tiles and
+# a padded partial block, so the hash's index must follow each element through every blocking.
+SR_REF_CASES = [
+    ("mxfp4", "floor", (4, 64), -1, False),
+    ("mxfp8", "rceil", (4, 64), -1, False),
+    ("mxfp6_e2m3", "floor", (4, 64), -1, False),
+    ("nvfp4", "floor", (4, 64), -1, False),
+    ("fp8_e5m2", "floor", (4, 64), -1, False),
+    ("mxfp8", "floor", (64, 3, 2), 0, False),
+    ("mxfp4", "floor", (2, 64, 3), 1, False),
+    ("nvfp4", "floor", (32, 48), (0, 1), False),
+    ("nvfp4", "floor", (2, 16, 32), (1, 2), False),
+    ("mxfp4", "floor", (3, 40), -1, True),
+    ("nvfp4", "floor", (20, 24), 0, True),
+]
+
+
+@pytest.mark.parametrize("name,scale_mode,shape,axis,pad", SR_REF_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-ax{c[3]}{'-pad' * c[4]}"
+                              for c in SR_REF_CASES])
+def test_sr_matches_reference_with_the_hashed_uniforms(name, scale_mode, shape, axis, pad):
+    """Spec: u(p) from the counter hash of p's flat index in x; round up iff u < fractional distance."""
+    x = random_mixed(np.random.default_rng(31), shape)
+    x[:1] = np.random.default_rng(32).standard_normal(shape[1:])
     key = jax.random.key(42)
-    q = quantize(x, name, scale_mode=scale_mode, rounding="stochastic", key=key)
-    u = np.asarray(jax.random.uniform(key, x.shape, jnp.float32))
-    rq = ref_quantize(x, name, scale_mode=scale_mode, u=u)
-    rne = ref_quantize(x, name, scale_mode=scale_mode)
+    q = quantize(x, name, axis=axis, scale_mode=scale_mode, rounding="stochastic", key=key, pad=pad)
+    u = np_sr_uniform(key, shape)
+    rq = ref_quantize(x, name, axis=axis, scale_mode=scale_mode, pad=pad, u=u)
+    rne = ref_quantize(x, name, axis=axis, scale_mode=scale_mode, pad=pad)
     got = np.asarray(q.data).astype(np.float64)
     # scales are those of nearest rounding; values one step at most from RNE
     if rq.kind != "tensor":
@@ -681,6 +720,77 @@ def test_sr_matches_reference_with_the_same_uniforms(name, scale_mode):
     bad = got != rq.data  # values: the sign of an SR zero is not specified
     assert not bad.any(), "SR data: " + _first_mismatches(bad, x.astype(np.float64), rq.data, got)
     assert np.any(got != rne.data), "SR never left the RNE value"
+
+
+def test_sr_hash_pieces_match_numpy():
+    """lowbit.quantize's hash, seed derivation and bits -> u against the NumPy spec, incl. indices
+    near 2^32 (the flat index wraps there) and flat_index of a 3-D shape."""
+    from lowbit.quantize import flat_index, mix32, sr_hash, sr_seeds, sr_uniform, uniform_from_bits
+
+    key = jax.random.key(5)
+    index = np.array([0, 1, 2, 31, 32, 1023, 2**20 + 7, 2**31, 2**32 - 2, 2**32 - 1], np.uint32)
+    seeds = sr_seeds(key)
+    np.testing.assert_array_equal(np.asarray(seeds), np.asarray(jax.random.bits(key, (2,), jnp.uint32)))
+    got = np.asarray(uniform_from_bits(sr_hash(jnp.asarray(index), seeds))).astype(np.float64)
+    np.testing.assert_array_equal(got, np_sr_uniform(key, index=index))
+    np.testing.assert_array_equal(np.asarray(flat_index((3, 5, 7))),
+                                  np.arange(105, dtype=np.uint32).reshape(3, 5, 7))
+    np.testing.assert_array_equal(np.asarray(sr_uniform(key, (6, 40))).astype(np.float64),
+                                  np_sr_uniform(key, (6, 40)))
+    assert np.asarray(np_lowbias32(np.array([0], np.uint32)))[0] == 0  # lowbias32 fixes 0
+    np.testing.assert_array_equal(np_lowbias32(np.array([1], np.uint32)),
+                                  np.asarray(mix32(jnp.array([1], jnp.uint32))))
+
+
+@pytest.mark.parametrize("name,pin,spread", [("mxfp4", 6.0, 6.0), ("mxfp8", 448.0, 448.0)])
+def test_sr_decision_depends_only_on_position_and_value(name, pin, spread):
+    """With every block scale pinned to 2^0 (one pin per block along every axis: x[i,j,k] = pin where
+    i + j + k = 0 mod 32), y = x for any blocking, so blocks along axis 0, 1 or 2 and 32x32 tiles on
+    any two axes must round every element identically: its u follows its position in x, not the
+    blocked layout the XLA path reshapes it into."""
+    rng = np.random.default_rng(53)
+    x = rng.uniform(-spread, spread, (32, 32, 32)).astype(np.float32)
+    i, j, k = np.indices(x.shape)
+    x[(i + j + k) % 32 == 0] = pin
+    key = jax.random.key(9)
+    codes = {}
+    for axis in (0, 1, 2, (0, 1), (1, 2), (0, 2)):
+        q = quantize(x, name, axis=axis, rounding="stochastic", key=key)
+        assert np.all(bits(q.scale) == 127), axis  # 2^0: y = x
+        codes[axis] = bits(q.data)
+    for axis, c in codes.items():
+        np.testing.assert_array_equal(c, codes[2], err_msg=f"axis {axis} vs 2")
+    rne = bits(quantize(x, name, axis=2).data)
+    assert np.mean(codes[2] != rne) > 0.2  # SR really moved elements off RNE
+
+
+def test_sr_uniform_statistics():
+    """u over 2^20 elements at a fixed seed: 64-bin chi-square within [23.2, 131.4], the 1e-6 and
+    1 - 1e-6 quantiles of chi2(63) (scipy.stats.chi2.ppf), so a uniform source fails with odds 2e-6;
+    the lower bound also rejects a counter that is evenly spread but not random (u = i / n gives 0).
+    Other keys (adjacent seeds, fold_in, split) and neighbouring positions are uncorrelated:
+    |Pearson r| < 5 / sqrt(n), 5 standard deviations of r under independence."""
+    from lowbit.quantize import sr_uniform
+
+    shape, n = (1024, 1024), 2**20
+    base = jax.random.key(0)
+    u = np.asarray(sr_uniform(base, shape)).astype(np.float64)
+    assert u.min() >= 0.0 and u.max() < 1.0
+
+    def chi2(values, bins):
+        counts = np.bincount(values, minlength=bins)
+        return ((counts - n / bins) ** 2 / (n / bins)).sum()
+
+    assert 23.2 < chi2((u.ravel() * 64).astype(np.int64), 64) < 131.4
+    limit = 5 / np.sqrt(n)
+    for other in (jax.random.key(1), jax.random.fold_in(base, 1), jax.random.split(base)[0]):
+        v = np.asarray(sr_uniform(other, shape)).astype(np.float64)
+        assert abs(np.corrcoef(u.ravel(), v.ravel())[0, 1]) < limit
+        # joint 8 x 8 histogram of (u, v): independence, same chi2(63) bounds
+        joint = (u.ravel() * 8).astype(np.int64) * 8 + (v.ravel() * 8).astype(np.int64)
+        assert 23.2 < chi2(joint, 64) < 131.4
+    for lag in (1, 1024):  # next element of a row; same column, next row
+        assert abs(np.corrcoef(u.ravel()[:-lag], u.ravel()[lag:])[0, 1]) < limit
 
 
 def test_sr_keys():

@@ -1,6 +1,7 @@
 """The fused Pallas quantization kernel (interpret mode on CPU) held bit for bit to lowbit.quantize and to
-the plain-NumPy reference (tests/reference_np.py); stochastic rounding checked for exactness (rng="bits")
-and unbiasedness (rng="hash"); unsupported calls are refused with a pointer to lowbit.quantize.
+the plain-NumPy reference (tests/reference_np.py), for nearest and stochastic rounding (SR: u from the
+counter hash of each element's flat index, NumPy spec in tests/test_quantize.py); SR also checked for
+unbiasedness; unsupported calls are refused with a pointer to lowbit.quantize.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 import lowbit
 from tests.reference_np import ref_quantize
+from tests.test_quantize import np_sr_uniform
 
 
 def _interpret_mode_works() -> str | None:
@@ -109,20 +111,58 @@ def test_nearest_is_bit_exact(name, fused_kw, ref_kw, dtype):
         assert q.tensor_scale is None
 
 
-def test_stochastic_with_jax_bits_equals_xla_path():
-    """rng='bits' draws u exactly as jax.random.uniform(key, x.shape): same bits as lowbit.quantize."""
-    x = jnp.asarray(_edge_input(np.float32), jnp.bfloat16)
-    for seed in (1, 2):
-        key = jax.random.key(seed)
-        q = quantize_fused(x, "mxfp4", rounding="stochastic", key=key, rng="bits", prescale=0.75,
-                           interpret=True)
-        want = lowbit.quantize(x, "mxfp4", rounding="stochastic", key=key, prescale=0.75)
-        np.testing.assert_array_equal(_bits(q.data), _bits(want.data))
-        np.testing.assert_array_equal(_bits(q.scale), _bits(want.scale))
+# (format, fused kwargs, lowbit.quantize kwargs, input dtype) for stochastic rounding.
+SR_CASES = [
+    ("mxfp8", {}, {}, np.float32),
+    ("mxfp8", {"scale_mode": "rceil"}, {"scale_mode": "rceil"}, jnp.bfloat16),
+    ("mxfp4", {"prescale": 0.75}, {"prescale": 0.75}, jnp.bfloat16),
+    ("mxfp4", {"fp4_layout": "codes"}, {}, np.float32),
+    ("nvfp4", {}, {}, np.float32),
+    ("nvfp4", {"axis": (0, 1)}, {"axis": (0, 1)}, jnp.bfloat16),
+    ("mxfp8", {"axis": (-2, -1), "block_rows": 64, "block_cols": 64}, {"axis": (-2, -1)}, np.float32),
+]
+
+
+@pytest.mark.parametrize(("name", "fused_kw", "ref_kw", "dtype"), SR_CASES, ids=_case_id)
+def test_stochastic_is_bit_exact(name, fused_kw, ref_kw, dtype):
+    """Kernel SR == lowbit.quantize SR bit for bit (same hashed u per element, every tile layout),
+    and == the NumPy reference rounding with the NumPy hash's u."""
+    x = _edge_input(np.float32)
+    # NVFP4's one tensor scale follows the 1e30 row and the 2^±60 and 2^127 rows, which would leave
+    # every other block at 0: moderate magnitudes there keep the edge rows and exercise SR everywhere.
+    rng = np.random.default_rng(1)
+    x[4] = 2.0 ** rng.integers(-20, 20, 256)
+    x[6] *= 1e-28
+    x[12:20] = 3 * rng.standard_normal((8, 256))
+    x = np.asarray(jnp.asarray(x.astype(dtype)))
+    key = jax.random.key(11)
+    q = quantize_fused(jnp.asarray(x), name, rounding="stochastic", key=key, interpret=True, **fused_kw)
+    want = lowbit.quantize(jnp.asarray(x), name, rounding="stochastic", key=key, **ref_kw)
+    np.testing.assert_array_equal(_bits(q.data), _bits(want.data))
+    np.testing.assert_array_equal(_bits(q.scale), _bits(want.scale))
+    ref = ref_quantize(np.asarray(x, np.float32), name, u=np_sr_uniform(key, x.shape), **ref_kw)
+    got = np.asarray(q.data).astype(np.float64)
+    np.testing.assert_array_equal(got, ref.data)  # values: the sign of an SR zero is unspecified
+    rne = ref_quantize(np.asarray(x, np.float32), name, **ref_kw)
+    assert np.mean(got != rne.data) > 0.1  # SR really drew other values than RNE
+
+
+@pytest.mark.parametrize(("name", "axis"), [("mxfp4", -1), ("nvfp4", (1, 2))])
+def test_stochastic_with_leading_batch_dims_is_bit_exact(name, axis):
+    """[B, rows, K] folded into the [B * rows, K] matrix: the kernel's flat index is x's own."""
+    from lowbit.kernels.dispatch import quantize_fused_nd
+
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 32, 64)).astype(np.float32))
+    key = jax.random.key(12)
+    q = quantize_fused_nd(x, name, axis, "stochastic", key)
+    want = lowbit.quantize(x, name, axis, "stochastic", key)
+    assert q.data.shape == want.data.shape and q.scale.shape == want.scale.shape
+    np.testing.assert_array_equal(_bits(q.data), _bits(want.data))
+    np.testing.assert_array_equal(_bits(q.scale), _bits(want.scale))
 
 
 def test_stochastic_hash_is_unbiased_and_keyed():
-    """E[q] = x with in-kernel hashed bits; the same key repeats, another key differs."""
+    """E[q] = x with the in-kernel hashed u; the same key repeats, another key differs."""
     # One 6.0 per block fixes the MX scale at 2^0, so elements keep their value: 2.3 lies 30% of
     # the way from 2 to 3 on the E2M1 grid, -0.7 lies 40% of the way from -0.5 to -1.0.
     x = np.full((128, 256), 2.3, np.float32)
@@ -192,7 +232,7 @@ def test_available_and_argument_errors():
         quantize_fused(x, "mxfp8", rounding="stochastic", interpret=True)
     with pytest.raises(ValueError, match="rounding"):
         quantize_fused(x, "mxfp8", rounding="up", interpret=True)
-    with pytest.raises(ValueError, match="rng"):
-        quantize_fused(x, "mxfp8", rounding="stochastic", key=jax.random.key(0), rng="philox")
+    with pytest.raises(ValueError, match="div"):
+        quantize_fused(x, "nvfp4", div="fast")
     with pytest.raises(ValueError, match="unknown format"):
         quantize_fused(x, "mxfp3")

@@ -5,15 +5,14 @@ variable LOWBIT_QUANTIZE_IMPL (else "auto"). Both implementations give the same 
 kernel is held to lowbit.quantize bit for bit), so the switch only changes speed, never numerics:
 
 - "xla": always lowbit.quantize (XLA ops).
-- "auto": the fused Pallas/Triton kernel (lowbit.kernels.quantize_pallas) for round-to-nearest on a
-  single-GPU process; lowbit.quantize everywhere else. Stochastic rounding stays on XLA: the kernel's
-  in-kernel hash draws other random bits than jax.random.uniform, and its bit-identical mode
-  (rng="bits") reads 4 extra bytes per element. More than one device stays on XLA as well: a
+- "auto": the fused Pallas/Triton kernel (lowbit.kernels.quantize_pallas) on a single-GPU process,
+  round-to-nearest and stochastic rounding alike (both draw SR's u from lowbit.quantize.sr_hash of
+  the element's flat index); lowbit.quantize everywhere else. More than one device stays on XLA: a
   pallas_call has no SPMD partitioning rule, so under jit with sharded operands XLA replicates
   it and gathers its operands onto every device (use "fused" under shard_map, where each device
   sees its own shard).
 - "fused": the kernel wherever it can take the call (on the CPU in Pallas interpret mode, slow: for
-  tests), stochastic rounding with rng="bits" (the same u as lowbit.quantize, hence the same bits).
+  tests).
 
 Either way the kernel is skipped, silently and with identical results, where it cannot take the
 call: per-tensor FP8 and FP6 formats, a blocked axis that is not a multiple of the block size
@@ -127,7 +126,7 @@ def use_fused(
 ) -> bool:
     """Whether the implementation in force (get_quantize_impl) quantizes this call with the fused kernel."""
     impl = get_quantize_impl()
-    if impl == "xla" or (impl == "auto" and (rounding != "nearest" or not _single_device())):
+    if impl == "xla" or (impl == "auto" and not _single_device()):
         return False
     return _kernel_axes(jnp.asarray(x), get_format(fmt), axis, rounding, key, scale_mode,
                         require_gpu=impl == "auto") is not None
@@ -147,7 +146,7 @@ def quantize_fused_nd(
     [prod(...) * rows, K]; data and scales are reshaped back and `axis` set as lowbit.quantize sets it.
 
     NVFP4's tensor scale is the amax of all of x, as lowbit.quantize takes it. Stochastic rounding
-    reads jax.random.bits (rng="bits"): the same u, hence the same bits, as lowbit.quantize.
+    hashes the element's flat index in the matrix, which is its flat index in x: the same u.
     """
     fmt, x = get_format(fmt), jnp.asarray(x)
     kernel_axes = _kernel_axes(x, fmt, axis, rounding, key, scale_mode, require_gpu=False)
@@ -159,7 +158,7 @@ def quantize_fused_nd(
             "to lowbit.quantize"
         )
     q = quantize_fused(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), fmt, scale_mode=scale_mode,
-                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale, rng="bits")
+                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale)
     block = fmt.block_size
     if kernel_axes == (0, 1):
         scale_shape = (*x.shape[:-2], x.shape[-2] // block, x.shape[-1] // block)

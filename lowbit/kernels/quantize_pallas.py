@@ -1,14 +1,15 @@
 """Fused block quantization: one Pallas (Triton) kernel reads each tile of x once and writes data + scales.
 
-Same numerics as lowbit.quantize (OCP MX v1.0 sec. 6.3 FLOOR, NVIDIA RCEIL, NVFP4 two-level scaling
-with correctly rounded divisions): for nearest rounding the bits are identical. Elements are rounded
-onto the grid with integer RNE on the float32 bits, ulp(y) = 2^(max(E(|y|), emin) - mbits), and the
-element code is written directly as ((max(E, emin) - emin) << mbits) + rint(|y| / ulp) | sign.
+Same numerics and the same bits as lowbit.quantize (OCP MX v1.0 sec. 6.3 FLOOR, NVIDIA RCEIL, NVFP4
+two-level scaling with correctly rounded divisions), for nearest and stochastic rounding: SR hashes
+each element's flat index in x in-kernel with lowbit.quantize's sr_hash / sr_seeds (no random bits
+read from memory). Elements are rounded with integer RNE on the float32 bits and written directly
+as codes ((max(E, emin) - emin) << mbits) + rint(|y| / ulp) | sign.
 
 Used automatically: lowbit's GEMMs (dot_general, einsum, ragged_dot) quantize through
-lowbit.kernels.dispatch, which runs this kernel on a single GPU for round-to-nearest ("auto", the
-default) and falls back to lowbit.quantize where the kernel cannot take a call; see
-set_quantize_impl / $LOWBIT_QUANTIZE_IMPL there. It can also be called directly as quantize_fused.
+lowbit.kernels.dispatch, which runs this kernel on a single GPU ("auto", the default) and falls
+back to lowbit.quantize where the kernel cannot take a call; see set_quantize_impl /
+$LOWBIT_QUANTIZE_IMPL there. It can also be called directly as quantize_fused.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ import numpy as np
 from jax import lax
 
 from lowbit.formats import Format, get_format
-from lowbit.quantize import ROUNDINGS, SCALE_MODES, QArray, _div_rn, _normalize_axes
+from lowbit.quantize import (
+    ROUNDINGS,
+    SCALE_MODES,
+    QArray,
+    _div_rn,
+    _normalize_axes,
+    sr_hash,
+    sr_seeds,
+    uniform_from_bits,
+)
 
-RNG_SOURCES = ("hash", "bits")  # in-kernel counter hash | jax.random.bits(key, x.shape) read from HBM
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
 FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one code per byte
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -57,7 +66,6 @@ class _Plan:
     elem_max: float
     scale_mode: str
     rounding: str
-    rng: str
     div: str  # "ptx" | "int" (resolved)
     packed: bool  # FP4 written two codes per byte
     prescale: float
@@ -168,32 +176,18 @@ def _encode_stochastic(y: jax.Array, u: jax.Array, emin: int, mbits: int, elem_b
     return code | sign
 
 
-def _uniform_from_bits(bits: jax.Array) -> jax.Array:
-    """u in [0, 1) from 23 random bits, as jax.random.uniform builds it: f32(1.m) - 1."""
-    one_bits = lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    return lax.bitcast_convert_type(one_bits, jnp.float32) - jnp.float32(1.0)
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-    """32-bit avalanche hash (C. Wellons' lowbias32): bijective, every input bit flips ~half the output."""
-    h = h ^ lax.shift_right_logical(h, jnp.uint32(16))
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ lax.shift_right_logical(h, jnp.uint32(15))
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
-
-
-def _hash_bits(shape: tuple[int, ...], seeds: tuple[jax.Array, jax.Array],
-               origin: tuple[jax.Array, jax.Array], n: int, plan: _Plan) -> jax.Array:
-    """Random uint32 per element: two keyed rounds of _mix32 over the element's linear index in x."""
+def _flat_index(shape: tuple[int, ...], origin: tuple[jax.Array, jax.Array], n: int,
+                plan: _Plan) -> jax.Array:
+    """C-order flat index in x (m, n), mod 2^32, of each element of a tile of the view
+    (m/R, R, n/B, B) or, packed FP4, (m/R, R, n/B, B/2, 2): row = (row group)·R + r, col = block·B + c.
+    uint32 arithmetic is exact mod 2^32, so this equals lowbit.quantize.flat_index(x.shape)."""
     r, b = plan.tile_rows, plan.block
     row0, blk0 = origin
     ax = [lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(len(shape))]
     row = (row0.astype(jnp.uint32) + ax[0]) * jnp.uint32(r) + ax[1]
     col = (blk0.astype(jnp.uint32) + ax[2]) * jnp.uint32(b)
     col = col + (ax[3] * jnp.uint32(2) + ax[4] if plan.packed else ax[3])
-    index = row * jnp.uint32(n) + col  # wraps past 2^32 elements (streams then repeat)
-    return _mix32(_mix32(index ^ seeds[0]) ^ seeds[1])
+    return row * jnp.uint32(n) + col
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -230,9 +224,8 @@ def _block_scales(amax_bits: jax.Array, params: tuple[jax.Array, jax.Array] | No
 def _kernel(*refs, plan: _Plan, n: int):
     refs = list(refs)
     params_ref = refs.pop(0) if plan.kind == "nvfp4" else None
-    seeds_ref = refs.pop(0) if plan.rounding == "stochastic" and plan.rng == "hash" else None
+    seeds_ref = refs.pop(0) if plan.rounding == "stochastic" else None
     x_ref = refs.pop(0)
-    rand_ref = refs.pop(0) if plan.rounding == "stochastic" and plan.rng == "bits" else None
     data_ref, scale_ref = refs
 
     x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
@@ -255,12 +248,9 @@ def _kernel(*refs, plan: _Plan, n: int):
     if plan.rounding == "nearest":
         codes = _encode_nearest(y, plan.emin, plan.mbits, plan.elem_bits)
     else:
-        if rand_ref is not None:
-            bits = rand_ref[...]
-        else:
-            i, j = _program_origin(plan, n, y.shape)
-            bits = _hash_bits(y.shape, (seeds_ref[0], seeds_ref[1]), (i, j), n, plan)
-        codes = _encode_stochastic(y, _uniform_from_bits(bits), plan.emin, plan.mbits, plan.elem_bits)
+        index = _flat_index(y.shape, _program_origin(plan, n, y.shape), n, plan)
+        u = uniform_from_bits(sr_hash(index, (seeds_ref[0], seeds_ref[1])))
+        codes = _encode_stochastic(y, u, plan.emin, plan.mbits, plan.elem_bits)
     codes = jnp.where(poisoned, 0, codes)  # the NaN scale carries the poison
     if plan.packed:  # even element in the low nibble (lowbit.pack_fp4's order)
         nibble = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * 4
@@ -350,7 +340,6 @@ def quantize_fused(
     axis: int | tuple[int, ...] = -1,
     prescale: float = 1.0,
     tensor_amax: jax.Array | None = None,
-    rng: str = "hash",
     div: str = "auto",
     fp4_layout: str = "packed",
     block_rows: int = 16,
@@ -359,9 +348,8 @@ def quantize_fused(
 ) -> QArray:
     """lowbit.quantize(x, fmt, axis, rounding, key, scale_mode, prescale=...) as one fused kernel.
 
-    Nearest rounding gives lowbit.quantize's bits. Stochastic: rng="bits" reads jax.random.bits(key,
-    x.shape) (the same u as lowbit.quantize, so the same bits, at 4 extra bytes per element);
-    rng="hash" hashes the element index with a key-derived seed in-kernel (unbiased, other bits).
+    Same bits as lowbit.quantize for both roundings: SR hashes each element's flat index in x with
+    the seeds lowbit.quantize derives from `key` (lowbit.quantize.sr_hash), in-kernel.
     `tensor_amax` (NVFP4): max |x| over finite elements if already known; else one XLA reduction.
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
@@ -371,8 +359,7 @@ def quantize_fused(
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; choose one of {SCALE_MODES}")
-    for name, value, choices in (("rng", rng, RNG_SOURCES), ("div", div, DIV_IMPLS),
-                                 ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
+    for name, value, choices in (("div", div, DIV_IMPLS), ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
     if rounding == "stochastic" and key is None:
@@ -390,7 +377,7 @@ def quantize_fused(
         kind=fmt.kind, block=fmt.block_size, tile_rows=fmt.block_size if axes == (0, 1) else 1,
         emin=fmt.emin, emax=fmt.emax, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
         elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
-        rounding=rounding, rng=rng, div=("int" if interpret else "ptx") if div == "auto" else div,
+        rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
         packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
     )
     if rounding == "nearest":
@@ -427,14 +414,11 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
                                    _NVFP4_MIN_TENSOR_SCALE).astype(jnp.float32)
         inputs.append(jnp.stack([tensor_scale, _div_rn(1.0, tensor_scale)]))
         in_specs.append(pl.BlockSpec((2,), lambda p: (0,)))
-    if plan.rounding == "stochastic" and plan.rng == "hash":
-        inputs.append(jax.random.bits(key, (2,), jnp.uint32))
+    if plan.rounding == "stochastic":
+        inputs.append(sr_seeds(key))
         in_specs.append(pl.BlockSpec((2,), lambda p: (0,)))
     inputs.append(x.reshape(view))
     in_specs.append(pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))))
-    if plan.rounding == "stochastic" and plan.rng == "bits":
-        inputs.append(jax.random.bits(key, x.shape, jnp.uint32).reshape(view))
-        in_specs.append(pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))))
 
     data_view = view[:-1] if plan.packed else view
     data_tile = tile[:-1] if plan.packed else tile
