@@ -6,8 +6,8 @@ Here one launch covers everything: a tile schedule built from group_sizes (jnp, 
 each row tile one expert, and no tile straddles two groups, so the math has no cross-group masks.
 
 Tile schedule (static length ceil(M / bm) + E, an upper bound: sum_e ceil(g_e / bm) <= M / bm + E):
-  1. real tiles: group e gets ceil(g_e / bm) tiles of bm rows starting at its first row; the last
-     one holds g_e mod bm valid rows (the rest of the tile is masked on load and store);
+  1. real tiles: group e gets ceil(g_e / bm) tiles of bm rows starting at its first row; its last
+     tile may hold fewer valid rows (the rest of the tile is masked on load and store);
   2. zero tiles: rows [sum(g), M) in bm steps are written as zeros (no K loop). They always fit in
      the spare slots, since ceil(M/bm) + E - sum_e ceil(g_e/bm) >= (M - sum(g) + E) / bm;
   3. idle tiles: zero valid rows, nothing loaded or stored.
@@ -15,7 +15,7 @@ So every output row is stored exactly once and the output needs no memset.
 
 The kernel (1-D grid over tiles x N blocks, grouped ordering for L2 reuse as in Triton's matmul
 tutorial) loads its bm rows of lhs (masked), loops over K in bk steps loading rhs[expert, k:k+bk,
-n:n+bn] from the whole rhs array by dynamic index, accumulates pl.dot in float32 and stores with
+n:n+bn] from the whole rhs array by dynamic index, accumulates Triton dots in float32, stores with
 the row mask. Backward (jax.custom_vjp): dgrad dX = dY · rhs[g]ᵀ is the same kernel contracting
 rhs's other dim (no transpose copy); wgrad dW[e] = X_eᵀ · dY_e is a second Pallas kernel over
 (expert, K block, N block) that loops over the expert's rows in bm steps (float32 accumulation).
