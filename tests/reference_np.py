@@ -364,3 +364,14 @@ def ref_dequantize(rq: RefQ, axis=-1, dtype=np.float32) -> np.ndarray:
     if rq.prescale != 1.0:
         out = (out / np.float32(rq.prescale)).astype(np.float32)
     return out.astype(dtype)
+
+
+def ref_ragged_dot(lhs, rhs_ekn, sizes) -> np.ndarray:
+    """float64 lax.ragged_dot: rows of group e (in order) times rhs[e]; rows past sum(sizes) are 0."""
+    lhs64, rhs64 = np.asarray(lhs, np.float64), np.asarray(rhs_ekn, np.float64)
+    out = np.zeros((lhs64.shape[0], rhs64.shape[2]))
+    start = 0
+    for e, size in enumerate(sizes):
+        out[start:start + size] = lhs64[start:start + size] @ rhs64[e]
+        start += size
+    return out

@@ -16,6 +16,7 @@ import pytest
 from lowbit import bench_gemm, bench_step
 from lowbit.grouped import grouped_matmul
 from lowbit.model import ModelConfig
+from tests.reference_np import ref_ragged_dot
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,17 +28,6 @@ def _ok_rows(path: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- lowbit.grouped
-def _ragged_reference(x, w, sizes):
-    """float64 NumPy: row t of group g times w[g]; rows past sum(sizes) are zero."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    out = np.zeros((x.shape[0], w.shape[2]))
-    start = 0
-    for g, size in enumerate(sizes):
-        out[start:start + size] = x[start:start + size] @ w[g]
-        start += size
-    return out
-
-
 @pytest.mark.parametrize("sizes,chunk,big", [
     ([7, 0, 33, 1, 9], 4, 16),      # empty group, group of one, rows past the total
     ([50, 0, 0, 0, 0], 8, None),    # everything in one group, single chunk size
@@ -50,7 +40,7 @@ def test_grouped_matmul_equals_ragged_dot(sizes, chunk, big):
     x = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
-    expected = _ragged_reference(x, w, sizes)
+    expected = ref_ragged_dot(x, w, sizes)
     got = grouped_matmul(x, w, gs, chunk=chunk, big_chunk=big)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
     got_enk = grouped_matmul(x, jnp.swapaxes(w, 1, 2), gs, rhs_layout="enk", chunk=chunk, big_chunk=big)
@@ -90,7 +80,7 @@ def test_capacity_matmul_drops_overflow_only():
     x = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
     got = np.asarray(bench_gemm.capacity_matmul(x, jnp.swapaxes(w, 1, 2), jnp.asarray(sizes), 4, jnp.float32))
-    expected = _ragged_reference(x, w, sizes)
+    expected = ref_ragged_dot(x, w, sizes)
     expected[4:6] = 0  # group 0 keeps its first 4 rows (capacity 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 

@@ -13,6 +13,7 @@ import pytest
 from jax import lax
 
 from lowbit.kernels.grouped_pallas import grouped_matmul, tile_schedule
+from tests.reference_np import ref_ragged_dot
 
 M, K, N, E = 96, 32, 48, 4
 TILE = (16, 16, 16)
@@ -34,20 +35,9 @@ def _operands(dtype_lhs=np.float32, dtype_rhs=np.float32, seed=0, k=K, n=N, layo
     return lhs, (rhs if layout == "ekn" else np.swapaxes(rhs, 1, 2).copy())
 
 
-def _reference(lhs, rhs_ekn, sizes) -> np.ndarray:
-    """out[rows of e] = lhs[rows of e] @ rhs[e] in float64; rows past sum(sizes) are 0."""
-    lhs64, rhs64 = np.asarray(lhs, np.float64), np.asarray(rhs_ekn, np.float64)
-    out = np.zeros((lhs.shape[0], rhs64.shape[2]))
-    start = 0
-    for e, size in enumerate(sizes):
-        out[start:start + size] = lhs64[start:start + size] @ rhs64[e]
-        start += size
-    return out
-
-
 def _abs_bound(lhs, rhs_ekn, sizes) -> np.ndarray:
     """|lhs| @ |rhs| per group: the scale of float32 accumulation error for each output."""
-    return _reference(np.abs(np.asarray(lhs, np.float64)), np.abs(np.asarray(rhs_ekn, np.float64)), sizes)
+    return ref_ragged_dot(np.abs(np.asarray(lhs, np.float64)), np.abs(np.asarray(rhs_ekn, np.float64)), sizes)
 
 
 def test_tile_schedule_covers_every_row_once_and_never_straddles_groups():
@@ -70,12 +60,12 @@ def test_tile_schedule_covers_every_row_once_and_never_straddles_groups():
 
 
 @pytest.mark.parametrize("name, sizes", GROUPINGS, ids=[g[0] for g in GROUPINGS])
-def test_forward_f32_matches_float64_reference(name, sizes):
+def test_forward_f32_matches_float64ref_ragged_dot(name, sizes):
     lhs, rhs = _operands(seed=len(name))
     run = jax.jit(lambda x, w, g: grouped_matmul(x, w, g, tile=TILE))  # group sizes traced
     out = np.asarray(run(lhs, rhs, jnp.asarray(sizes, jnp.int32)))
     assert out.dtype == np.float32
-    reference = _reference(lhs, rhs, sizes)
+    reference = ref_ragged_dot(lhs, rhs, sizes)
     # float32 accumulation of K=32 products: error <= ~K * 2^-24 * (|x| @ |w|).
     np.testing.assert_array_less(np.abs(out - reference), 1e-5 * _abs_bound(lhs, rhs, sizes) + 1e-30)
     assert not np.any(out[sum(sizes):]), "rows past sum(group_sizes) must be exactly zero"
@@ -88,7 +78,7 @@ def test_forward_enk_layout_and_ragged_tiles():
     out = np.asarray(grouped_matmul(lhs, rhs_enk, np.asarray(sizes, np.int32), tile=TILE, rhs_layout="enk",
                                     group_m=3))  # launch order: 10 row tiles in groups of 3
     rhs_ekn = np.swapaxes(rhs_enk, 1, 2)
-    reference = _reference(lhs, rhs_ekn, sizes)
+    reference = ref_ragged_dot(lhs, rhs_ekn, sizes)
     np.testing.assert_array_less(np.abs(out - reference), 1e-5 * _abs_bound(lhs, rhs_ekn, sizes) + 1e-30)
     assert not np.any(out[sum(sizes):])
 
@@ -99,7 +89,7 @@ def test_forward_bf16_rounds_float32_accumulation_once():
     out = grouped_matmul(lhs, rhs, np.asarray(sizes, np.int32), tile=TILE)
     assert out.dtype == jnp.bfloat16  # bf16 in -> bf16 out, as lax.ragged_dot
     out = np.asarray(out, np.float64)
-    reference = _reference(lhs, rhs, sizes)
+    reference = ref_ragged_dot(lhs, rhs, sizes)
     # One final rounding to bfloat16 (8 significant bits: <= 2^-8 relative) after float32 accumulation.
     bound = 2.0**-8 * np.abs(reference) + 1e-5 * _abs_bound(lhs, rhs, sizes) + 1e-30
     np.testing.assert_array_less(np.abs(out - reference), bound)
@@ -114,7 +104,7 @@ def test_forward_fp8_operands(rhs_dtype, out_dtype):
     out = grouped_matmul(lhs, rhs, np.asarray(sizes, np.int32), tile=TILE, preferred_element_type=out_dtype)
     assert out.dtype == out_dtype
     out = np.asarray(out, np.float64)
-    reference = _reference(lhs, rhs, sizes)  # on the same fp8 values
+    reference = ref_ragged_dot(lhs, rhs, sizes)  # on the same fp8 values
     final_rounding = 2.0**-8 if out_dtype == jnp.bfloat16 else 2.0**-24
     bound = final_rounding * np.abs(reference) + 1e-6 * _abs_bound(lhs, rhs, sizes) + 1e-30
     np.testing.assert_array_less(np.abs(out - reference), bound)
@@ -131,7 +121,7 @@ def test_matches_lax_ragged_dot_f32():
 
 
 @pytest.mark.parametrize("layout", ["ekn", "enk"])
-def test_gradients_match_float64_reference(layout):
+def test_gradients_match_float64ref_ragged_dot(layout):
     sizes = (20, 0, 32, 7)
     lhs, rhs = _operands(seed=7, layout=layout)
     cot = np.random.default_rng(8).standard_normal((M, N)).astype(np.float32)
@@ -142,14 +132,14 @@ def test_gradients_match_float64_reference(layout):
 
     dlhs, drhs = jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs)
     rhs_ekn = rhs if layout == "ekn" else np.swapaxes(rhs, 1, 2)
-    ref_dlhs = _reference(cot, np.swapaxes(rhs_ekn, 1, 2), sizes)
+    ref_dlhs = ref_ragged_dot(cot, np.swapaxes(rhs_ekn, 1, 2), sizes)
     ref_drhs = np.zeros((E, K, N))
     start = 0
     for e, size in enumerate(sizes):
         ref_drhs[e] = lhs[start:start + size].T.astype(np.float64) @ cot[start:start + size]
         start += size
     drhs_ekn = np.asarray(drhs if layout == "ekn" else np.swapaxes(drhs, 1, 2))
-    abs_dlhs = _reference(np.abs(cot), np.abs(np.swapaxes(rhs_ekn, 1, 2)), sizes)
+    abs_dlhs = ref_ragged_dot(np.abs(cot), np.abs(np.swapaxes(rhs_ekn, 1, 2)), sizes)
     np.testing.assert_array_less(np.abs(np.asarray(dlhs) - ref_dlhs), 1e-5 * abs_dlhs + 1e-30)
     abs_drhs = np.stack([np.abs(lhs[s:s + n]).T.astype(np.float64) @ np.abs(cot[s:s + n])
                          for s, n in zip(np.cumsum(sizes) - sizes, sizes, strict=True)])

@@ -305,9 +305,11 @@ def test_moe_with_shared_expert_adds_swiglu_of_shared_weights():
     np.testing.assert_allclose(np.asarray(y).reshape(10, 16), want, rtol=1e-5, atol=1e-5)
 
 
-def test_full_model_dropless_and_capacity_agree_in_value_and_grad():
+@pytest.mark.parametrize("other", ["capacity", "pallas"])
+def test_full_model_dropless_and_other_moe_impl_agree_in_value_and_grad(other):
+    # capacity at factor 2 drops nothing here; pallas is the one-launch grouped kernel (interpret mode).
     dropless = f32_tiny(moe_impl="dropless")
-    capacity = dataclasses.replace(dropless, moe_impl="capacity", capacity_factor=2.0)
+    capacity = dataclasses.replace(dropless, moe_impl=other, capacity_factor=2.0)
     tokens = random_tokens(15, 2, 16)
 
     def loss_and_grads(cfg):

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MOE_IMPLS = ("dropless", "capacity")
+MOE_IMPLS = ("dropless", "capacity", "pallas")  # pallas: dropless through lowbit.kernels.grouped_pallas
 REMAT_POLICIES = ("none", "full", "minimal", "dots_saveable", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 DTYPES = ("bfloat16", "float32", "float16")

@@ -5,6 +5,8 @@
 * capacity (`moe_impl="capacity"`): slots scattered into an [E, C, K] buffer with
   C = ceil(T * k / E * capacity_factor), batched GEMMs through `MoeExperts.dot_general` over the
   expert batch axis; slots beyond an expert's capacity are dropped (zero expert output).
+* pallas (`moe_impl="pallas"`): dropless, with the unquantized ragged_dot hook set to
+  lowbit.kernels.grouped_pallas.grouped_matmul (one kernel launch; quantize_model still swaps it).
 
 Both hooks are plain attributes so that `lowbit.quantize_model` can swap them; this module never
 imports lowbit's quantization code.
@@ -161,6 +163,9 @@ class MoeBlock(nnx.Module):
                                  dot_general=jax.lax.dot_general, rngs=rngs)
         self.experts = MoeExperts(cfg.num_experts, cfg.emb_dim, cfg.moe_mlp_dim, dtype=cfg.compute_dtype,
                                   init_scale=cfg.init_scale, rngs=rngs)
+        if cfg.moe_impl == "pallas":
+            from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
+            self.experts.ragged_dot = grouped_matmul
         if cfg.num_shared_experts > 0:
             self.shared_expert = MlpBlock(cfg.emb_dim, cfg.num_shared_experts * cfg.moe_mlp_dim,
                                           dtype=cfg.compute_dtype, init_scale=cfg.init_scale, rngs=rngs)
@@ -175,7 +180,7 @@ class MoeBlock(nnx.Module):
         tokens = x.reshape(batch * length, emb)
         router_logits = self.router(tokens.astype(jnp.float32))
         gates, expert_index, probs = route(router_logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        if cfg.moe_impl == "dropless":
+        if cfg.moe_impl in ("dropless", "pallas"):
             y_slots = dropless_dispatch(self.experts, tokens, expert_index)
             dropped_fraction = jnp.zeros((), jnp.float32)
         else:
