@@ -29,6 +29,7 @@ from typing import Any
 from lowbit.bench_gemm import Runner, cli_main, default_json, enable_compilation_cache, error_text, parse_list
 
 STEP_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
+STEP_TOKENS = ("random", "data")
 # name: (shipped config, key=value overrides). moe-1.8b: 1.85B parameters (0.64B active), 8 layers,
 # emb 2048, 8 experts top-2 of width 4096, vocab 32768, T=2048, batch 8: f32 weights + AdamW + grads
 # take ~30 GB, so it fits one 80 GB H100 without remat.
@@ -64,8 +65,14 @@ def _memory_analysis(compiled: Any) -> dict[str, int]:
 
 
 def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = "auto",
-                 overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Build the model and step exactly as lowbit.train does, then time `steps` steps after 2 warm-ups."""
+                 overrides: Sequence[str] = (), tokens: str = "random") -> dict[str, Any]:
+    """Build the model and step exactly as lowbit.train does, then time `steps` steps after 2 warm-ups.
+
+    tokens: "random" (uniform ids) or "data" (the config's first training batch). Values matter: the
+    embedding gradient's scatter-add serializes on hot rows of real text (docs/benchmarks.md).
+    """
+    if tokens not in STEP_TOKENS:
+        raise ValueError(f"tokens must be one of {STEP_TOKENS}, got {tokens!r}")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -84,9 +91,13 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
     step_fn = train.make_train_step(graphdef, tc, state, mesh)
     batch_size, length = config.data.global_batch_size, config.model.max_target_length
-    tokens = np.random.default_rng(0).integers(1, config.model.vocab_size, (batch_size, length + 1))
-    batch = train.shard_batch({"inputs": tokens[:, :-1].astype(np.int32),
-                               "targets": tokens[:, 1:].astype(np.int32)}, mesh)
+    if tokens == "data":
+        from lowbit.data import make_train_iter
+        batch = train.shard_batch(next(make_train_iter(config.data)), mesh)
+    else:
+        ids = np.random.default_rng(0).integers(1, config.model.vocab_size, (batch_size, length + 1))
+        batch = train.shard_batch({"inputs": ids[:, :-1].astype(np.int32),
+                                   "targets": ids[:, 1:].astype(np.int32)}, mesh)
     schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
 
     t0 = time.perf_counter()
@@ -122,7 +133,8 @@ def _worker(args: argparse.Namespace) -> int:
     """Hidden entry: one (config, recipe) in this process, result JSON to --worker-out."""
     enable_compilation_cache(args.cache_dir)
     try:
-        result = measure_step(args.configs, args.recipes, args.steps, args.backend, args.override)
+        result = measure_step(args.configs, args.recipes, args.steps, args.backend, args.override,
+                              args.tokens)
     except Exception as error:
         result = {"error": error_text(error)}
     Path(args.worker_out).write_text(json.dumps(result, default=str))
@@ -134,7 +146,7 @@ def _in_subprocess(args: argparse.Namespace, config: str, recipe: str, timeout_s
         out = Path(tmp) / "row.json"
         command = [sys.executable, "-m", "lowbit.bench_step", "step", "--configs", config,
                    "--recipes", recipe, "--steps", str(args.steps), "--backend", args.backend,
-                   "--worker-out", str(out)]
+                   "--tokens", args.tokens, "--worker-out", str(out)]
         command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
         for item in args.override:
             command += ["--override", item]
@@ -165,7 +177,8 @@ def bench_step(args: argparse.Namespace) -> Runner:
                 remaining = args.time_budget_s - runner.elapsed() + 30
                 runner.run(row, _in_subprocess, args, config, recipe, remaining)
             else:
-                runner.run(row, measure_step, config, recipe, args.steps, args.backend, args.override)
+                runner.run(row, measure_step, config, recipe, args.steps, args.backend, args.override,
+                           args.tokens)
             if recipe == "bf16":
                 baseline = row
             if baseline and row.get("ms") and baseline.get("ms"):
@@ -416,6 +429,8 @@ def add_step_parser(subparsers: Any) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "emulate", "fp8", "native"))
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override, e.g. --override global_batch_size=16 (repeatable)")
+    p.add_argument("--tokens", choices=STEP_TOKENS, default="random",
+                   help="random: uniform token ids; data: the config's first training batch (real text)")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="process: each (config, recipe) in its own process (per-recipe peak memory)")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

@@ -178,3 +178,13 @@ def test_roofline_matches_hand_computation():
     extra = half_batch["bytes_per_token"] - bf16["bytes_per_token"]
     assert extra == pytest.approx(num_params(cfg) * bench_step.OPTIMIZER_BYTES_PER_PARAM * (1 / 8 - 1 / 16))
     assert bf16["memory_s"] == pytest.approx(bf16["bytes_per_token"] / hw.hbm)
+
+
+def test_step_measures_on_real_data_batches_when_asked():
+    overrides = ("num_decoder_layers=1", "ici_fsdp=1")
+    data_row = bench_step.measure_step("tiny", "bf16", 1, overrides=overrides, tokens="data")
+    random_row = bench_step.measure_step("tiny", "bf16", 1, overrides=overrides, tokens="random")
+    # Same initial weights and step, different batches: the losses differ (the option is not ignored).
+    assert np.isfinite(data_row["loss"]) and data_row["loss"] != random_row["loss"]
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        bench_step.measure_step("tiny", "bf16", 1, tokens="text")

@@ -21,7 +21,8 @@ case "$1" in
       --pallas-tiles 128:64:128:4:3,128:64:256:8:3,64:64:128:4:4 --json "$out/grouped_pallas.json"
     ;;
   step)
-    run timeout 300 python3 -m lowbit.bench step --configs small --time-budget-s 290 --cache-dir /tmp/xla_cache --json "$out/step_small.json"
+    run timeout 300 python3 -m lowbit.bench step --configs small --tokens data --time-budget-s 290 \
+      --cache-dir /tmp/xla_cache --json "$out/step_small.json"
     run timeout 120 python3 -m lowbit.bench step --configs small --recipes bf16 --override moe_impl=pallas \
       --json "$out/step_small_pallas.json"
     run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8,mxfp8 \
