@@ -18,13 +18,15 @@ from tests.reference_np import ref_ragged_dot
 M, K, N, E = 96, 32, 48, 4
 TILE = (16, 16, 16)
 BM = TILE[0]
-# (name, group sizes): every case sums to <= M.
+# (name, group sizes).
 GROUPINGS = [
     # empty group, group < one tile (7), exact tile multiple (32), sum 59 < M: trailing rows zero.
     ("uneven", (20, 0, 32, 7)),
     ("all_rows_assigned", (33, 16, 1, 46)),
     ("one_expert_takes_all", (0, 0, 96, 0)),
     ("nothing_assigned", (0, 0, 0, 0)),
+    # sum 140 > M = 96: group 1 keeps rows [50, 96) (not [16, 96)), group 3 gets none (ragged_dot).
+    ("sum_exceeds_rows", (50, 80, 0, 10)),
 ]
 
 
@@ -40,12 +42,13 @@ def _abs_bound(lhs, rhs_ekn, sizes) -> np.ndarray:
     return ref_ragged_dot(np.abs(np.asarray(lhs, np.float64)), np.abs(np.asarray(rhs_ekn, np.float64)), sizes)
 
 
-def test_tile_schedule_covers_every_row_once_and_never_straddles_groups():
-    sizes = (20, 0, 32, 7)
+@pytest.mark.parametrize("name, sizes", GROUPINGS, ids=[g[0] for g in GROUPINGS])
+def test_tile_schedule_covers_every_row_once_and_never_straddles_groups(name, sizes):
     schedule = jax.tree.map(np.asarray, tile_schedule(jnp.asarray(sizes, jnp.int32), M, BM, 3))
     assert schedule.expert.shape == (-(-M // BM) + E,)  # static bound ceil(M / bm) + E
-    ends = np.cumsum(sizes)
-    starts = ends - np.asarray(sizes)
+    # group e owns rows [c_e - g_e, c_e) of the cumulative sums c, cut at M (lax.ragged_dot's rule)
+    ends = np.minimum(np.cumsum(sizes), M)
+    starts = np.minimum(np.cumsum(sizes) - np.asarray(sizes), M)
     covered = np.zeros(M, int)
     for expert, first, rows, k_steps in zip(*schedule, strict=True):
         covered[first:first + rows] += 1
@@ -56,7 +59,7 @@ def test_tile_schedule_covers_every_row_once_and_never_straddles_groups():
             assert rows == 0 or first >= ends[-1]
     np.testing.assert_array_equal(covered, np.ones(M, int))
     real_tiles = int(np.sum(schedule.k_steps > 0))
-    assert real_tiles == sum(-(-s // BM) for s in sizes)  # ceil(g_e / bm) tiles per group
+    assert real_tiles == sum(-(-s // BM) for s in ends - starts)  # ceil(g_e / bm) tiles per group
 
 
 @pytest.mark.parametrize("name, sizes", GROUPINGS, ids=[g[0] for g in GROUPINGS])
@@ -120,9 +123,9 @@ def test_matches_lax_ragged_dot_f32():
     np.testing.assert_array_equal(ours[59:], theirs[59:])
 
 
-@pytest.mark.parametrize("layout", ["ekn", "enk"])
-def test_gradients_match_float64ref_ragged_dot(layout):
-    sizes = (20, 0, 32, 7)
+@pytest.mark.parametrize("layout, sizes", [("ekn", (20, 0, 32, 7)), ("enk", (20, 0, 32, 7)),
+                                           ("ekn", (50, 80, 0, 10))])
+def test_gradients_match_float64ref_ragged_dot(layout, sizes):
     lhs, rhs = _operands(seed=7, layout=layout)
     cot = np.random.default_rng(8).standard_normal((M, N)).astype(np.float32)
 
@@ -144,8 +147,10 @@ def test_gradients_match_float64ref_ragged_dot(layout):
     abs_drhs = np.stack([np.abs(lhs[s:s + n]).T.astype(np.float64) @ np.abs(cot[s:s + n])
                          for s, n in zip(np.cumsum(sizes) - sizes, sizes, strict=True)])
     np.testing.assert_array_less(np.abs(drhs_ekn - ref_drhs), 1e-5 * abs_drhs + 1e-30)
-    assert not np.any(np.asarray(dlhs)[59:]), "rows no group owns get no gradient"
-    assert not np.any(drhs_ekn[1]), "an empty group's weight gradient is zero"
+    assert not np.any(np.asarray(dlhs)[sum(sizes):]), "rows no group owns get no gradient"
+    empty = [e for e, rows in enumerate(np.minimum(np.cumsum(sizes), M) - np.minimum(
+        np.cumsum(sizes) - np.asarray(sizes), M)) if rows == 0]
+    assert empty and not np.any(drhs_ekn[empty]), "an empty group's weight gradient is zero"
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [
@@ -153,6 +158,7 @@ def test_gradients_match_float64ref_ragged_dot(layout):
     (((M, K), (E, K + 1, N), (E,)), {}, ValueError, "contracting sizes differ"),
     (((M, K), (E, N, K), (E,)), {}, ValueError, "rhs_layout='enk'"),
     (((M, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),
+    (((0, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),  # empty: still checked
     (((M, K), (E, K, N), (E,)), {"rhs_layout": "kn"}, ValueError, "rhs_layout must be"),
 ])
 def test_bad_shapes_raise_value_error_naming_the_fix(args, kwargs, error, match):

@@ -6,8 +6,9 @@ Here one launch covers everything: a tile schedule built from group_sizes (jnp, 
 each row tile one expert, and no tile straddles two groups, so the math has no cross-group masks.
 
 Tile schedule (static length ceil(M / bm) + E, an upper bound: sum_e ceil(g_e / bm) <= M / bm + E):
-  1. real tiles: group e gets ceil(g_e / bm) tiles of bm rows starting at its first row; its last
-     tile may hold fewer valid rows (the rest of the tile is masked on load and store);
+  1. real tiles: group e gets ceil(g_e / bm) tiles of bm rows starting at its first row (g_e: its
+     rows within [0, M), see _group_bounds); its last tile may hold fewer valid rows (the rest of
+     the tile is masked on load and store);
   2. zero tiles: rows [sum(g), M) in bm steps are written as zeros (no K loop). They always fit in
      the spare slots, since ceil(M/bm) + E - sum_e ceil(g_e/bm) >= (M - sum(g) + E) / bm;
   3. idle tiles: zero valid rows, nothing loaded or stored.
@@ -63,11 +64,15 @@ class _Schedule(NamedTuple):
 
 # ----------------------------------------------------------------------------- schedule (XLA)
 def _group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    """(first row, size) per group, clipped to [0, num_rows) so that no tile reads past lhs."""
+    """(first row, size) per group: group e owns rows [c_e - g_e, c_e) ∩ [0, num_rows), c = cumsum(g).
+
+    Clipping start and end separately keeps each group's own first row when sum(g) > num_rows
+    (lax.ragged_dot's rule: rows past the end are dropped, earlier groups keep theirs).
+    """
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.minimum(ends - sizes, num_rows)
-    starts = jnp.maximum(starts, 0)
+    cumulative = jnp.cumsum(sizes)
+    starts = jnp.minimum(cumulative - sizes, num_rows)
+    ends = jnp.minimum(cumulative, num_rows)
     return starts, ends - starts
 
 
@@ -329,8 +334,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """Dropless grouped GEMM out[t] = lhs[t] · rhs[g(t)] in one Pallas launch, equal to `lax.ragged_dot`.
 
     lhs [M, K] with rows sorted by group; rhs [E, K, N] (or [E, N, K] with rhs_layout="enk");
-    group_sizes int[E], sum <= M (rows past the sum give zeros). Output dtype as lax.ragged_dot's
-    (or preferred_element_type), accumulated in float32; FP8 e4m3fn/e5m2 operands are supported.
+    group_sizes int[E]: rows past sum(group_sizes) give zeros; a sum over M drops the rows past M
+    (group e owns rows [c_e - g_e, c_e) ∩ [0, M), c = cumsum), as lax.ragged_dot. Output dtype as
+    lax.ragged_dot's (or preferred_element_type), accumulated in float32; FP8 e4m3fn/e5m2 supported.
     tile=(bm, bk, bn): powers of two >= 16 (default DEFAULT_TILE, shrunk for small shapes); the
     backward pass reuses it (dgrad: bk over N, bn over K; wgrad: dW blocks of bk x bn, bm rows a step).
     interpret=None: compiled (Triton) on a GPU backend, Pallas interpret mode elsewhere.
@@ -346,11 +352,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     ragged_dot = functools.partial(lax.ragged_dot, preferred_element_type=preferred_element_type)
     out_dtype = jax.eval_shape(ragged_dot, lhs, rhs_ekn, group_sizes).dtype  # ragged_dot's dtype rule
     num_rows, k_size, n_size = lhs.shape[0], lhs.shape[1], rhs_ekn.shape[2]
-    if 0 in (num_rows, k_size, n_size):  # nothing to launch: empty output or a sum over nothing
-        return jnp.zeros((num_rows, n_size), out_dtype)
     if group_m < 1:
         raise ValueError(f"group_m must be a positive number of row tiles, got {group_m}")
     tile = _default_tile(num_rows, k_size, n_size) if tile is None else _check_tile(tile)
+    if 0 in (num_rows, k_size, n_size):  # nothing to launch: empty output or a sum over nothing
+        return jnp.zeros((num_rows, n_size), out_dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     plan = _Plan(contract, tile, jnp.dtype(out_dtype), bool(interpret), int(group_m), num_warps, num_stages)
