@@ -742,26 +742,26 @@ def test_sr_hash_pieces_match_numpy():
                                   np.asarray(mix32(jnp.array([1], jnp.uint32))))
 
 
-@pytest.mark.parametrize("name,pin,spread", [("mxfp4", 6.0, 6.0), ("mxfp8", 448.0, 448.0)])
-def test_sr_decision_depends_only_on_position_and_value(name, pin, spread):
-    """With every block scale pinned to 2^0 (one pin per block along every axis: x[i,j,k] = pin where
-    i + j + k = 0 mod 32), y = x for any blocking, so blocks along axis 0, 1 or 2 and 32x32 tiles on
-    any two axes must round every element identically: its u follows its position in x, not the
-    blocked layout the XLA path reshapes it into."""
+@pytest.mark.parametrize("name,low,high", [("mxfp4", 4.0, 6.0), ("mxfp8", 256.0, 448.0)])
+def test_sr_decision_depends_only_on_position_and_value(name, low, high):
+    """|x| in [low, high] = [2^emax, elem_max] puts every block's amax in the top binade, so every
+    block scale is 2^0 and y = x for any blocking. No axis of (40, 36, 33) divides by 32, so each
+    blocking pads x differently (pad=True): blocks along axis 0, 1 or 2 and 32x32 tiles on any two
+    axes must round every element identically, i.e. its u follows its flat index in x, not its
+    position in the padded, blocked array (padding the last axes shifts those positions)."""
     rng = np.random.default_rng(53)
-    x = rng.uniform(-spread, spread, (32, 32, 32)).astype(np.float32)
-    i, j, k = np.indices(x.shape)
-    x[(i + j + k) % 32 == 0] = pin
+    shape = (40, 36, 33)
+    x = (rng.uniform(low, high, shape) * rng.choice([-1.0, 1.0], shape)).astype(np.float32)
     key = jax.random.key(9)
     codes = {}
     for axis in (0, 1, 2, (0, 1), (1, 2), (0, 2)):
-        q = quantize(x, name, axis=axis, rounding="stochastic", key=key)
+        q = quantize(x, name, axis=axis, rounding="stochastic", key=key, pad=True)
         assert np.all(bits(q.scale) == 127), axis  # 2^0: y = x
         codes[axis] = bits(q.data)
     for axis, c in codes.items():
-        np.testing.assert_array_equal(c, codes[2], err_msg=f"axis {axis} vs 2")
-    rne = bits(quantize(x, name, axis=2).data)
-    assert np.mean(codes[2] != rne) > 0.2  # SR really moved elements off RNE
+        np.testing.assert_array_equal(c, codes[0], err_msg=f"axis {axis} vs 0")
+    rne = bits(quantize(x, name, axis=0, pad=True).data)
+    assert np.mean(codes[0] != rne) > 0.2  # SR really moved elements off RNE (expected 1/3)
 
 
 def test_sr_uniform_statistics():

@@ -17,7 +17,8 @@ kernel is held to lowbit.quantize bit for bit), so the switch only changes speed
 Either way the kernel is skipped, silently and with identical results, where it cannot take the
 call: per-tensor FP8 and FP6 formats, a blocked axis that is not a multiple of the block size
 (pad needed), blocks along an axis other than the last (or 2-D tiles not on the last two axes, or
-tiles that would straddle a leading batch index), non-float or empty arrays.
+tiles that would straddle a leading batch index), non-float or empty arrays, and stochastic
+rounding without a key (lowbit.quantize then raises the error that names the fix).
 
 Entry points: `quantize` (a drop-in for lowbit.quantize), `use_fused` (the decision alone) and
 `quantize_fused_nd` (the kernel on [..., rows, K] arrays); lowbit.dot calls `quantize`.
