@@ -141,6 +141,7 @@ def _dot(a, b, **transpose):
 
 
 def _load(ref, mask, dtype):
+    """ref[...] as dtype; masked-off elements read as a zero of ref's own type (FP8 Triton lowering)."""
     from jax.experimental.pallas import triton as plgpu
 
     if mask is None:
@@ -214,6 +215,7 @@ def _wgrad_kernel(start_ref, size_ref, a_ref, b_ref, out_ref, *, plan: _Plan, p_
 
 
 def _compiler_params(plan: _Plan):
+    """Triton launch settings (warps, pipeline stages); none in interpret mode."""
     if plan.interpret:
         return None
     from jax.experimental.pallas import triton as plgpu

@@ -3,8 +3,9 @@
 Same numerics and the same bits as lowbit.quantize (OCP MX v1.0 sec. 6.3 FLOOR, NVIDIA RCEIL, NVFP4
 two-level scaling with correctly rounded divisions), for nearest and stochastic rounding: SR hashes
 each element's flat index in x in-kernel with lowbit.quantize's sr_hash / sr_seeds (no random bits
-read from memory). Elements are rounded with integer RNE on the float32 bits and written directly
-as codes ((max(E, emin) - emin) << mbits) + rint(|y| / ulp) | sign.
+read from memory). Nearest rounding is integer RNE on the float32 bits, SR is round_to_grid's
+floor(t) + [u < t - floor(t)], t = y / ulp; codes are written directly as
+((max(E, emin) - emin) << mbits) + |r| | sign, r the rounded y / ulp.
 
 Used automatically: lowbit's GEMMs (dot_general, einsum, ragged_dot) quantize through
 lowbit.kernels.dispatch, which runs this kernel on a single GPU ("auto", the default) and falls
