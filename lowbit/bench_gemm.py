@@ -413,7 +413,6 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                              lambda x, w, t=(bm, bk, bn), nw=warps, ns=stages: pallas_grouped_matmul(
                                  x, w, sizes, preferred_element_type=out_dtype, tile=t, rhs_layout=layout,
                                  num_warps=nw, num_stages=ns)))
-    del fp8
     return variants
 
 
