@@ -64,6 +64,19 @@ def _memory_analysis(compiled: Any) -> dict[str, int]:
     return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
 
 
+def step_batch(config: Any, mesh: Any, tokens: str = "random") -> dict[str, Any]:
+    """One sharded global batch: uniform random ids (seed 0), or the config's first training batch."""
+    import numpy as np
+
+    from lowbit import train
+    if tokens == "data":
+        from lowbit.data import make_train_iter
+        return train.shard_batch(next(make_train_iter(config.data)), mesh)
+    shape = (config.data.global_batch_size, config.model.max_target_length + 1)
+    ids = np.random.default_rng(0).integers(1, config.model.vocab_size, shape).astype(np.int32)
+    return train.shard_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:]}, mesh)
+
+
 def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = "auto",
                  overrides: Sequence[str] = (), tokens: str = "random") -> dict[str, Any]:
     """Build the model and step exactly as lowbit.train does, then time `steps` steps after 2 warm-ups.
@@ -75,7 +88,6 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
         raise ValueError(f"tokens must be one of {STEP_TOKENS}, got {tokens!r}")
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     import lowbit
@@ -91,13 +103,7 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
     step_fn = train.make_train_step(graphdef, tc, state, mesh)
     batch_size, length = config.data.global_batch_size, config.model.max_target_length
-    if tokens == "data":
-        from lowbit.data import make_train_iter
-        batch = train.shard_batch(next(make_train_iter(config.data)), mesh)
-    else:
-        ids = np.random.default_rng(0).integers(1, config.model.vocab_size, (batch_size, length + 1))
-        batch = train.shard_batch({"inputs": ids[:, :-1].astype(np.int32),
-                                   "targets": ids[:, 1:].astype(np.int32)}, mesh)
+    batch = step_batch(config, mesh, tokens)
     schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
 
     t0 = time.perf_counter()

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import lowbit
 from lowbit import train
+from lowbit.bench_step import step_batch
 from lowbit.config import load_config
 from lowbit.data import make_train_iter
 
@@ -91,8 +91,7 @@ def main() -> None:
     schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
 
     b, t = config.data.global_batch_size, config.model.max_target_length
-    tokens = np.random.default_rng(0).integers(1, config.model.vocab_size, (b, t + 1)).astype(np.int32)
-    rand_batch = train.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+    rand_batch = step_batch(config, mesh, "random")  # what `bench step` times
     data = make_train_iter(config.data)
     real_batch = train.shard_batch(next(data), mesh)
     holder = {"state": state}
