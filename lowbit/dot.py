@@ -49,6 +49,7 @@ class _Static(NamedTuple):
     out_dtype: Any
     lhs_dtype: Any
     rhs_dtype: Any
+    impl: str = "xla"  # grouped GEMMs: "xla" (lax.ragged_dot) | "pallas" (lowbit.kernels.grouped_pallas)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -353,12 +354,96 @@ def _values(op: Operand) -> jax.Array:
 
 _WGRAD_RAGGED_DIMS = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+RAGGED_IMPLS = ("xla", "pallas")
+_KERNEL_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
 
-def _ragged(static: _Static, lhs: Operand, rhs: Operand, group_sizes, out_dtype) -> jax.Array:
-    y = lax.ragged_dot(_values(lhs), _values(rhs), group_sizes, precision=static.precision,
+def _kernel_operand(op: Operand) -> tuple[jax.Array, jax.Array | None, float]:
+    """(values the Pallas kernel multiplies exactly, tensor scale or None, prescale): op = values·ts/prescale.
+
+    Per-tensor FP8: the e4m3/e5m2 data itself. MX: element·2^s in bfloat16, exact: an element has
+    <= 4 significant bits (E4M3; E2M1, E2M3, E3M2, E5M2 fewer), a power of two adds none, and
+    bfloat16 holds 8 with float32's exponent range (only |values| < 2^-130, from blocks whose amax
+    is below ~2^-120, would lose bits). NVFP4: element·block scale in bfloat16, exact: E2M1 (2 bits)
+    times E4M3 (4 bits) has <= 6 significant bits, in [2^-10, 2688]. The NVFP4 FP32 tensor scale
+    (24 bits) and 1/prescale (3/4: not a power of two) would round a bfloat16 product, so they are
+    returned apart and applied to the float32 accumulator. High-precision operands pass as they are.
+    """
+    if not isinstance(op, QArray):
+        return (op if op.dtype in _KERNEL_FLOATS else op.astype(jnp.float32)), None, 1.0
+    if op.fmt.kind == "tensor" and op.data.dtype in _FP8_DTYPES:
+        return op.data, op.tensor_scale, op.prescale
+    if op.fmt.kind == "tensor":  # a per-tensor format without an FP8 container: values in float32
+        return op.data.astype(jnp.float32), op.tensor_scale, op.prescale
+    unit = None if op.tensor_scale is None else jnp.ones((), jnp.float32)
+    blocks_only = dataclasses.replace(op, tensor_scale=unit, prescale=1.0)
+    return blocks_only.dequantize(jnp.bfloat16), op.tensor_scale, op.prescale
+
+
+def _apply_output_scales(acc: jax.Array, tensor_scales: tuple[Any, ...], prescales: tuple[float, ...],
+                         owned: jax.Array) -> jax.Array:
+    """acc · ts_lhs · ts_rhs / (p_lhs · p_rhs) in float32; outputs no group owns stay exactly zero.
+
+    One scalar at a time (not ts_lhs·ts_rhs first, which can underflow for small gradients). `owned`
+    keeps lax.ragged_dot's zeros past the groups even when a non-finite input made a scale NaN.
+    """
+    scales = [ts for ts in tensor_scales if ts is not None]
+    prescale = math.prod(prescales)
+    if not scales and prescale == 1.0:
+        return acc
+    for ts in scales:
+        acc = acc * ts
+    if prescale != 1.0:
+        acc = acc / jnp.float32(prescale)
+    return jnp.where(owned, acc, 0.0) if scales else acc
+
+
+def _owned_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """bool[num_rows, 1]: rows some group owns (the first min(sum(group_sizes), num_rows))."""
+    return (jnp.arange(num_rows) < jnp.sum(group_sizes.astype(jnp.int32)))[:, None]
+
+
+def _pallas_ragged(lhs: Operand, rhs: Operand, group_sizes: jax.Array, rhs_contract: int) -> jax.Array:
+    """float32 out[t] = lhs[t] · rhs[g(t)] contracting rhs dim rhs_contract, on the grouped Pallas kernel."""
+    from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
+
+    a, ts_a, p_a = _kernel_operand(lhs)
+    b, ts_b, p_b = _kernel_operand(rhs)
+    layout = "ekn" if rhs_contract == 1 else "enk"
+    if layout == "ekn" and b.dtype in _FP8_DTYPES:
+        # Hopper's FP8 MMA takes both operands K-major: store W as [E, N, K] (a copy of FP8 bytes).
+        b, layout = jnp.swapaxes(b, 1, 2), "enk"
+    acc = grouped_matmul(a, b, group_sizes, preferred_element_type=jnp.float32, rhs_layout=layout)
+    return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), _owned_rows(group_sizes, acc.shape[0]))
+
+
+def _ragged(static: _Static, lhs: Operand, rhs: Operand, group_sizes, out_dtype,
+            rhs_contract: int = 1) -> jax.Array:
+    """out[t] = lhs[t] · rhs[g(t)], rhs [E, K, N] (rhs_contract 1) or [E, N, K] (2: the dgrad's W)."""
+    if static.impl == "pallas":
+        return _pallas_ragged(lhs, rhs, group_sizes, rhs_contract).astype(out_dtype)
+    rhs_values = _values(rhs) if rhs_contract == 1 else jnp.swapaxes(_values(rhs), 1, 2)
+    y = lax.ragged_dot(_values(lhs), rhs_values, group_sizes, precision=static.precision,
                        preferred_element_type=jnp.float32)
     return y.astype(out_dtype)
+
+
+def _ragged_wgrad(static: _Static, x_pad: Operand, dy_pad: Operand, padded_sizes: jax.Array,
+                  out_dtype: Any) -> jax.Array:
+    """dW[e] = X_eᵀ · dY_e over the block-aligned rows of each group: [E, K, N]."""
+    if static.impl != "pallas":
+        dw = lax.ragged_dot_general(_values(x_pad), _values(dy_pad), padded_sizes, _WGRAD_RAGGED_DIMS,
+                                    precision=static.precision, preferred_element_type=jnp.float32)
+        return dw.astype(out_dtype)
+    from lowbit.kernels.grouped_pallas import grouped_wgrad  # lazy: Pallas only when asked for
+
+    a, ts_a, p_a = _kernel_operand(x_pad)
+    b, ts_b, p_b = _kernel_operand(dy_pad)
+    acc = grouped_wgrad(a, b, padded_sizes, preferred_element_type=jnp.float32)
+    ends = jnp.minimum(jnp.cumsum(padded_sizes), a.shape[0])
+    has_rows = (ends - jnp.minimum(jnp.cumsum(padded_sizes) - padded_sizes, a.shape[0]) > 0)[:, None, None]
+    return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), has_rows).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -401,16 +486,14 @@ def _qragged_bwd(static: _Static, residuals, dy):
     k_dy, _, k_sd = _pass_keys(key, "dgrad")
     dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
     q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, -1, True)
-    w_t = jnp.swapaxes(_values(w_dgrad), 1, 2)  # [E, N, K]
-    dx = _ragged(static, q_dy, w_t, group_sizes, static.lhs_dtype)
+    dx = _ragged(static, q_dy, w_dgrad, group_sizes, static.lhs_dtype, rhs_contract=2)  # W [E,K,N] over N
     # wgrad: dW[e] = X_eᵀ · dY_e over the block-aligned rows of group e, both blocked along tokens.
     _, k_dyw, k_sw = _pass_keys(key, "wgrad")
     dy_pad = _scatter_rows(dy, dest, x_wgrad.shape[0])
     dy_pad = dy_pad if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, dy_pad, dy_pad, axis=0)[0]
     q_dy_pad = _quantize_operand(dy_pad, wgrad.rhs, k_dyw, (0, 1) if wgrad.rhs.block_2d else 0, True)
-    dw = lax.ragged_dot_general(_values(x_wgrad), _values(q_dy_pad), padded_sizes, _WGRAD_RAGGED_DIMS,
-                                precision=static.precision, preferred_element_type=jnp.float32)
-    return dx, dw.astype(static.rhs_dtype), None, None
+    dw = _ragged_wgrad(static, x_wgrad, q_dy_pad, padded_sizes, static.rhs_dtype)
+    return dx, dw, None, None
 
 
 _qragged.defvjp(_qragged_fwd, _qragged_bwd)
@@ -418,25 +501,37 @@ _qragged.defvjp(_qragged_fwd, _qragged_bwd)
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: Recipe | str = "bf16",
                key: jax.Array | None = None, preferred_element_type: Any = None,
-               precision: Any = None) -> jax.Array:
+               precision: Any = None, impl: str = "xla") -> jax.Array:
     """Grouped GEMM out[t] = lhs[t] · rhs[g(t)] (rows sorted by group), quantized per `recipe`.
 
     lhs [T, K], rhs [E, K, N], group_sizes int[E] -> [T, N]. fprop blocks along K, dgrad along N,
     wgrad along each group's own tokens (groups padded to whole blocks, never sharing a block).
-    Execution: dequantized operands into lax.ragged_dot (emulation; a grouped kernel is future work).
+    impl="xla": dequantized float32 operands into lax.ragged_dot / ragged_dot_general (emulation).
+    impl="pallas": the same quantized operands into lowbit.kernels.grouped_pallas (one launch per
+    GEMM): FP8 data as it is, MX/NVFP4 blocks as exact bfloat16 values, tensor scales and prescale
+    on the float32 accumulator, so only the summation order differs from "xla"; no case needs the
+    float32 kernel except operands a pass keeps in high precision (their own dtype). `precision`
+    applies to "xla" only (the kernel's float32 dots use Triton's default, TF32, on a GPU).
     """
+    if impl not in RAGGED_IMPLS:
+        raise ValueError(f"ragged_dot impl must be one of {RAGGED_IMPLS} ('xla': lax.ragged_dot, "
+                         f"'pallas': lowbit.kernels.grouped_pallas), got {impl!r}")
     recipe = get_recipe(recipe)
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"ragged_dot expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got "
                          f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
+    if not recipe.quantized and impl == "pallas":
+        from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
+
+        return grouped_matmul(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
     if not recipe.quantized:
         return lax.ragged_dot(lhs, rhs, group_sizes, precision=precision,
                               preferred_element_type=preferred_element_type)
     if recipe.needs_rng and key is None:
         raise _missing_key_error(recipe, "ragged_dot")
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
-    static = _Static(recipe, "emulate", precision, out_dtype, lhs.dtype, rhs.dtype)
+    static = _Static(recipe, "emulate", precision, out_dtype, lhs.dtype, rhs.dtype, impl)
     return _qragged(lhs, rhs, group_sizes, key, static)
 
 

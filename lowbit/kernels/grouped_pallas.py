@@ -318,6 +318,10 @@ def _check_operands(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, cont
         raise ValueError(f"contracting sizes differ: lhs {lhs.shape} has K={lhs.shape[1]} but rhs "
                          f"{rhs.shape} has {rhs.shape[contract]} on dim {contract}; transpose rhs or pass "
                          f"{hint} if its other dim is K")
+    _check_dtypes(lhs, rhs, group_sizes)
+
+
+def _check_dtypes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be integers (rows per expert), got {group_sizes.dtype}; "
                         "pass group_sizes.astype(jnp.int32)")
@@ -365,4 +369,36 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return _grouped(lhs, rhs, group_sizes, plan)
 
 
-__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "grouped_matmul", "tile_schedule"]
+def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                  preferred_element_type: Any = None, tile: tuple[int, int, int] | None = None,
+                  interpret: bool | None = None, num_warps: int | None = 4,
+                  num_stages: int | None = 3) -> jax.Array:
+    """Per-group transposed product out[e] = lhs[rows of e]ᵀ · rhs[rows of e] (the wgrad GEMM) in one launch.
+
+    lhs [M, P], rhs [M, Q], group_sizes int[E] -> [E, P, Q]: `lax.ragged_dot_general` with lhs
+    ragged dim 0 contracted (group e owns rows [c_e - g_e, c_e) ∩ [0, M), c = cumsum; empty groups
+    give zeros). The kernel grouped_matmul's backward pass uses, accumulated in float32; operands
+    float32, bfloat16, float16 or FP8. tile=(bm, bp, bq): bm rows a step, out blocks bp x bq.
+    """
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+    if lhs.ndim != 2 or rhs.ndim != 2 or group_sizes.ndim != 1 or lhs.shape[0] != rhs.shape[0]:
+        raise ValueError(f"grouped_wgrad expects lhs [M, P] and rhs [M, Q] with the same rows M and "
+                         f"group_sizes [E]; got lhs {lhs.shape}, rhs {rhs.shape}, group_sizes "
+                         f"{group_sizes.shape}")
+    _check_dtypes(lhs, rhs, group_sizes)
+    dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                         lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    ragged = functools.partial(lax.ragged_dot_general, ragged_dot_dimension_numbers=dims,
+                               preferred_element_type=preferred_element_type)
+    out_dtype = jax.eval_shape(ragged, lhs, rhs, group_sizes).dtype  # ragged_dot_general's dtype rule
+    num_rows, p_size, q_size = lhs.shape[0], lhs.shape[1], rhs.shape[1]
+    tile = _default_tile(num_rows, p_size, q_size) if tile is None else _check_tile(tile)
+    if 0 in (num_rows, p_size, q_size):  # no rows: every group's sum is empty
+        return jnp.zeros((group_sizes.shape[0], p_size, q_size), out_dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    plan = _Plan(1, tile, jnp.dtype(out_dtype), bool(interpret), DEFAULT_GROUP_M, num_warps, num_stages)
+    return _grouped_wgrad(lhs, rhs, group_sizes, plan, plan.out_dtype)
+
+
+__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "grouped_matmul", "grouped_wgrad", "tile_schedule"]
