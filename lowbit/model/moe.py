@@ -6,7 +6,8 @@
   C = ceil(T * k / E * capacity_factor), batched GEMMs through `MoeExperts.dot_general` over the
   expert batch axis; slots beyond an expert's capacity are dropped (zero expert output).
 * pallas (`moe_impl="pallas"`): dropless, with the unquantized ragged_dot hook set to
-  lowbit.kernels.grouped_pallas.grouped_matmul (one kernel launch; quantize_model still swaps it).
+  lowbit.kernels.grouped_pallas.grouped_matmul (one kernel launch); a hook that quantize_model
+  swapped in (an nnx.Module) is called with impl="pallas", so quantized GEMMs run on it too.
 
 Both hooks are plain attributes so that `lowbit.quantize_model` can swap them; this module never
 imports lowbit's quantization code.
@@ -86,13 +87,17 @@ class MoeExperts(nnx.Module):
         self.dtype = dtype
         self.ragged_dot = jax.lax.ragged_dot
         self.dot_general = jax.lax.dot_general
+        self.ragged_impl = "xla"  # "pallas": quantized hooks get impl="pallas" (lowbit.dot.ragged_dot)
 
     def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         return tuple(w[...].astype(self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
     def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Rows of x_sorted[T*k, emb] grouped by expert (group_sizes[E]) -> [T*k, emb]."""
-        return self._swiglu(x_sorted, lambda a, w: self.ragged_dot(a, w, group_sizes))
+        # Only a swapped-in module hook (quantize_model's) takes impl=; plain functions keep the contract.
+        module_hook = isinstance(self.ragged_dot, nnx.Module)
+        impl = {"impl": "pallas"} if self.ragged_impl == "pallas" and module_hook else {}
+        return self._swiglu(x_sorted, lambda a, w: self.ragged_dot(a, w, group_sizes, **impl))
 
     def batched(self, buffer: jax.Array) -> jax.Array:
         """Capacity buffer [E, C, emb] -> [E, C, emb], one GEMM per expert via the batch axis."""
@@ -166,6 +171,7 @@ class MoeBlock(nnx.Module):
         if cfg.moe_impl == "pallas":
             from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
             self.experts.ragged_dot = grouped_matmul
+            self.experts.ragged_impl = "pallas"
         if cfg.num_shared_experts > 0:
             self.shared_expert = MlpBlock(cfg.emb_dim, cfg.num_shared_experts * cfg.moe_mlp_dim,
                                           dtype=cfg.compute_dtype, init_scale=cfg.init_scale, rngs=rngs)
