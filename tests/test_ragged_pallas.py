@@ -199,6 +199,28 @@ def test_fp8_data_reaches_the_kernel_k_major(monkeypatch):
                     (e5m2, e4m3, (E, K, 32), "enk")]  # dgrad: W [E, K, N] contracts N, last
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_three_gemms_lower_to_triton_for_a_gpu_without_one(recipe, monkeypatch):
+    """fprop, dgrad and wgrad each become one Triton kernel (Pallas -> Triton IR runs on the CPU;
+    PTX needs the GPU): each recipe's operand dtypes, rows and N not multiples of their blocks."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    import lowbit.kernels.grouped_pallas as gp
+
+    for name in ("grouped_matmul", "grouped_wgrad"):  # compiled, not interpret mode, off a GPU
+        monkeypatch.setattr(gp, name, functools.partial(getattr(gp, name), interpret=False))
+
+    def fprop_dgrad_wgrad(x, w, group_sizes, dy, key):
+        y, vjp = jax.vjp(lambda a, b: ragged_dot(a, b, group_sizes, recipe, key=key, impl="pallas"), x, w)
+        return y, vjp(dy)
+
+    rows, k, n, experts = 1000, 192, 320, 8  # mxfp4's Hadamard block 64 divides k and n
+    bf16 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
+    args = (bf16((rows, k)), bf16((experts, k, n)), jax.ShapeDtypeStruct((experts,), jnp.int32),
+            bf16((rows, n)), jax.random.key(0))
+    hlo = jax.jit(fprop_dgrad_wgrad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("xla.gpu.triton") == 3
+
+
 def test_bad_impl_is_a_value_error_naming_the_choices():
     x, w, _ = _data(seed=0)
     with pytest.raises(ValueError, match=r"\('xla', 'pallas'\).*'triton'"):
