@@ -1,0 +1,104 @@
+"""Tile sweep of the Pallas grouped GEMM's three kernels, each timed alone (GPU diagnostic).
+
+The MoE layer's fwd+bwd runs three grouped GEMMs: fprop Y = X·W[g] (grouped_matmul, rhs [E, K, N]),
+dgrad dX = dY·W[g]ᵀ (grouped_matmul with rhs_layout="enk": W [E, K, N] read as [E, N_out, K_in]) and
+wgrad dW[e] = X_eᵀ·dY_e (grouped_wgrad). Each may want its own tile; this times every candidate tile
+per kernel against a dense GEMM with the same useful FLOPs, Zipf routing as `bench grouped`.
+Usage: python tools/grouped_tiles.py --configs e8k2,e64k8 --json /tmp/tiles.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit.bench_gemm import GROUPED_CONFIGS, GROUPED_TOKENS, measure, per_tensor_e4m3, zipf_group_sizes
+from lowbit.kernels.grouped_pallas import grouped_matmul, grouped_wgrad
+
+BF16 = jnp.bfloat16
+TN = (((1,), (1,)), ((), ()))
+# bm:bk:bn:warps:stages. Shared memory per stage is (bm*bk + bk*bn) elements (wgrad: bm*(bk + bn)).
+TILES = {
+    "bf16": ["128:64:128:4:3", "128:64:256:8:3", "128:64:128:8:4", "256:64:128:8:3", "128:32:256:8:4",
+             "64:64:256:4:4", "128:128:128:8:3", "64:128:128:4:3"],
+    "fp8": ["128:128:128:8:3", "128:128:256:8:3", "128:64:256:8:4", "64:128:256:4:4", "256:128:128:8:3",
+            "128:256:128:8:3"],
+}
+
+
+def parse(tile: str) -> tuple[tuple[int, int, int], int, int]:
+    bm, bk, bn, warps, stages = (int(f) for f in tile.split(":"))
+    return (bm, bk, bn), warps, stages
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", default="e8k2,e64k8")
+    p.add_argument("--kernels", default="fprop,dgrad,wgrad,fp8-fprop")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default="/tmp/grouped_tiles.json")
+    args = p.parse_args()
+    rows = []
+    tokens = GROUPED_TOKENS["full"]
+    for config in args.configs.split(","):
+        experts, top_k, k, n = GROUPED_CONFIGS["full"][config]
+        m = tokens * top_k
+        sizes = jnp.asarray(zipf_group_sizes(tokens, experts, top_k, 0.5, 0))
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (m, k), BF16)
+        w = (jax.random.normal(keys[1], (experts, k, n), BF16) / math.sqrt(k)).astype(BF16)
+        dy = jax.random.normal(keys[2], (m, n), BF16)
+        flops = 2.0 * m * k * n
+        dense = {
+            "fprop": (lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=BF16), (x, w[0].T)),
+            "dgrad": (lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=BF16), (dy, w[0])),
+            "wgrad": (lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=BF16), (x, dy)),
+        }
+        x8, w8 = per_tensor_e4m3(x)[0], per_tensor_e4m3(jnp.swapaxes(w, 1, 2))[0]
+        dense["fp8-fprop"] = (lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=BF16),
+                              (x8, w8[0]))
+        for kernel in args.kernels.split(","):
+            fn, dense_args = dense[kernel]
+            base = measure(fn, [dense_args], flops, args.iters)
+            print(f"{config} {kernel:9s} dense {base['ms']:8.3f} ms {base['tflops']:7.1f} TF/s", flush=True)
+            for tile in TILES["fp8" if kernel.startswith("fp8") else "bf16"]:
+                t, warps, stages = parse(tile)
+                opts = dict(tile=t, num_warps=warps, num_stages=stages, preferred_element_type=BF16)
+                enk = dict(opts, rhs_layout="enk")
+                if kernel == "fprop":
+                    f, a = (lambda a, b, s, o=opts: grouped_matmul(a, b, s, **o)), (x, w, sizes)
+                elif kernel == "dgrad":
+                    f, a = (lambda a, b, s, o=enk: grouped_matmul(a, b, s, **o)), (dy, w, sizes)
+                elif kernel == "wgrad":
+                    f, a = (lambda a, b, s, o=opts: grouped_wgrad(a, b, s, **o)), (x, dy, sizes)
+                else:
+                    f, a = (lambda a, b, s, o=enk: grouped_matmul(a, b, s, **o)), (x8, w8, sizes)
+                row = {"config": config, "kernel": kernel, "tile": tile, "dense_ms": base["ms"]}
+                try:
+                    r = measure(f, [a], flops, args.iters)
+                    row.update(ms=r["ms"], tflops=r["tflops"], ratio=base["ms"] / r["ms"])
+                    print(f"{config} {kernel:9s} {tile:16s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s "
+                          f"{row['ratio']:.3f}x dense", flush=True)
+                except Exception as error:  # shared-memory overflow etc.: record and go on
+                    row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+                    print(f"{config} {kernel:9s} {tile:16s} failed {row['error']}", flush=True)
+                rows.append(row)
+    best = {}
+    for row in rows:
+        key = (row["config"], row["kernel"])
+        if row.get("ratio") and row["ratio"] > best.get(key, {}).get("ratio", 0):
+            best[key] = row
+    print("\nbest tile per kernel:")
+    for (config, kernel), row in sorted(best.items()):
+        print(f"  {config} {kernel:9s} {row['tile']:16s} {row['ratio']:.3f}x dense ({row['ms']:.3f} ms)")
+    with open(args.json, "w") as f:
+        json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
