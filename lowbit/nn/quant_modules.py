@@ -54,9 +54,9 @@ class QuantRaggedDot(_QuantOp):
     """Quantized `jax.lax.ragged_dot(lhs [T, K], rhs [E, K, N], group_sizes [E])` for MoE experts."""
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, precision: Any = None,
-                 preferred_element_type: Any = None, **unused: Any) -> jax.Array:
+                 preferred_element_type: Any = None, impl: str = "xla", **unused: Any) -> jax.Array:
         return ragged_dot(lhs, rhs, group_sizes, self.recipe, preferred_element_type=preferred_element_type,
-                          precision=precision, **self._key())
+                          precision=precision, impl=impl, **self._key())
 
 
 class QuantEinsum(_QuantOp):
