@@ -380,7 +380,7 @@ def parse_pallas_tiles(text: str) -> list[tuple[int, ...]]:
 
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
                      chunks: Sequence[tuple[int, int]], fp8: bool,
-                     pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 128, 4, 3),),
+                     pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 256, 8, 3),),
                      ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
@@ -549,8 +549,9 @@ def add_grouped_parser(subparsers: Any) -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--chunks", default="256:2048,512:512",
                    help="lowbit.grouped chunk settings small:big, comma separated")
-    p.add_argument("--pallas-tiles", default="128:64:128:4:3",
-                   help="pallas variant tiles bm:bk:bn[:num_warps[:num_stages]], comma separated")
+    p.add_argument("--pallas-tiles", default="128:64:256:8:3",
+                   help="pallas variant fprop/dgrad tiles bm:bk:bn[:num_warps[:num_stages]], comma "
+                        "separated (wgrad keeps grouped_pallas.WGRAD_TILE)")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)
 
 

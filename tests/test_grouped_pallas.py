@@ -123,14 +123,18 @@ def test_matches_lax_ragged_dot_f32():
     np.testing.assert_array_equal(ours[59:], theirs[59:])
 
 
-@pytest.mark.parametrize("layout, sizes", [("ekn", (20, 0, 32, 7)), ("enk", (20, 0, 32, 7)),
-                                           ("ekn", (50, 80, 0, 10))])
-def test_gradients_match_float64ref_ragged_dot(layout, sizes):
+# wgrad_tile None: WGRAD_TILE shrunk to the shape, unlike the forward's TILE; (32, 16, 16): rows a step
+# larger than some groups (7) and not a multiple of others (20), dW blocks smaller than K and N.
+@pytest.mark.parametrize("layout, sizes, wgrad_tile", [
+    ("ekn", (20, 0, 32, 7), None), ("enk", (20, 0, 32, 7), None), ("ekn", (50, 80, 0, 10), None),
+    ("ekn", (20, 0, 32, 7), (32, 16, 16))])
+def test_gradients_match_float64ref_ragged_dot(layout, sizes, wgrad_tile):
     lhs, rhs = _operands(seed=7, layout=layout)
     cot = np.random.default_rng(8).standard_normal((M, N)).astype(np.float32)
 
     def loss(x, w):  # sum(cot * out): dX = cot @ W_eᵀ per group, dW_e = X_eᵀ cot_e
-        out = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), tile=TILE, rhs_layout=layout)
+        out = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), tile=TILE, rhs_layout=layout,
+                             wgrad_tile=wgrad_tile)
         return jnp.sum(cot * out)
 
     dlhs, drhs = jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs)
@@ -159,6 +163,7 @@ def test_gradients_match_float64ref_ragged_dot(layout, sizes):
     (((M, K), (E, N, K), (E,)), {}, ValueError, "rhs_layout='enk'"),
     (((M, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),
     (((0, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),  # empty: still checked
+    (((M, K), (E, K, N), (E,)), {"wgrad_tile": (16, 16, 8)}, ValueError, "powers of two"),
     (((M, K), (E, K, N), (E,)), {"rhs_layout": "kn"}, ValueError, "rhs_layout must be"),
 ])
 def test_bad_shapes_raise_value_error_naming_the_fix(args, kwargs, error, match):

@@ -25,6 +25,8 @@ TN = (((1,), (1,)), ((), ()))
 TILES = {
     "bf16": ["128:64:128:4:3", "128:64:256:8:3", "128:64:128:8:4", "256:64:128:8:3", "128:32:256:8:4",
              "64:64:256:4:4", "128:128:128:8:3", "64:128:128:4:3"],
+    "wgrad": ["64:128:128:4:3", "64:128:256:8:3", "64:256:128:8:3", "32:128:128:4:4", "64:128:128:8:4",
+              "128:128:128:8:2", "32:256:128:4:3", "64:64:128:4:4"],
     "fp8": ["128:128:128:8:3", "128:128:256:8:3", "128:64:256:8:4", "64:128:256:4:4", "256:128:128:8:3",
             "128:256:128:8:3"],
 }
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument("--configs", default="e8k2,e64k8")
     p.add_argument("--kernels", default="fprop,dgrad,wgrad,fp8-fprop")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tiles", default="", help="bm:bk:bn:warps:stages,... instead of the built-in lists")
     p.add_argument("--json", default="/tmp/grouped_tiles.json")
     args = p.parse_args()
     rows = []
@@ -66,7 +69,8 @@ def main() -> None:
             fn, dense_args = dense[kernel]
             base = measure(fn, [dense_args], flops, args.iters)
             print(f"{config} {kernel:9s} dense {base['ms']:8.3f} ms {base['tflops']:7.1f} TF/s", flush=True)
-            for tile in TILES["fp8" if kernel.startswith("fp8") else "bf16"]:
+            family = "fp8" if kernel.startswith("fp8") else "wgrad" if kernel == "wgrad" else "bf16"
+            for tile in args.tiles.split(",") if args.tiles else TILES[family]:
                 t, warps, stages = parse(tile)
                 opts = dict(tile=t, num_warps=warps, num_stages=stages, preferred_element_type=BF16)
                 enk = dict(opts, rhs_layout="enk")

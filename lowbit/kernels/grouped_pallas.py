@@ -34,7 +34,10 @@ import jax.numpy as jnp
 from jax import lax
 
 RHS_LAYOUTS = ("ekn", "enk")  # rhs [E, K, N] (ragged_dot's) | [E, N, K] (contracting dim last)
-DEFAULT_TILE = (128, 64, 128)  # (bm rows, bk contraction, bn columns); tune on the GPU
+# Launch settings tuned on an H100 (tools/grouped_tiles.py, docs/benchmarks.md): (bm, bk, bn), warps,
+# stages. fprop and dgrad run one kernel; wgrad's tile is (bm rows a step, bp, bq) of dW's blocks.
+DEFAULT_TILE, DEFAULT_WARPS, DEFAULT_STAGES = (128, 64, 256), 8, 3
+WGRAD_TILE, WGRAD_WARPS, WGRAD_STAGES = (64, 128, 128), 4, 3
 DEFAULT_GROUP_M = 8  # row tiles per L2 group of the launch order
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), *_FP8)
@@ -51,6 +54,7 @@ class _Plan(NamedTuple):
     group_m: int
     num_warps: int | None
     num_stages: int | None
+    wgrad: tuple[tuple[int, int, int], int | None, int | None] | None = None  # (tile, warps, stages)
 
 
 class _Schedule(NamedTuple):
@@ -282,7 +286,9 @@ def _grouped_bwd(plan: _Plan, residuals, dout):
     dlhs = _grouped_product(dout, rhs, group_sizes, dgrad_plan)
     # wgrad dW[e] = X_eᵀ dY_e ([E, K, N]) or dY_eᵀ X_e ([E, N, K]).
     a, b = (lhs, dout) if plan.contract == 1 else (dout, lhs)
-    drhs = _grouped_wgrad(a, b, group_sizes, plan, rhs.dtype)
+    wgrad_tile, wgrad_warps, wgrad_stages = plan.wgrad or (plan.tile, plan.num_warps, plan.num_stages)
+    wgrad_plan = plan._replace(tile=wgrad_tile, num_warps=wgrad_warps, num_stages=wgrad_stages)
+    drhs = _grouped_wgrad(a, b, group_sizes, wgrad_plan, rhs.dtype)
     return dlhs, drhs, None
 
 
@@ -301,11 +307,12 @@ def _check_tile(tile: Any) -> tuple[int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _default_tile(num_rows: int, k_size: int, n_size: int) -> tuple[int, int, int]:
-    """DEFAULT_TILE shrunk to the next power of two of each dim (>= 16) for small problems."""
+def _default_tile(num_rows: int, k_size: int, n_size: int,
+                  tuned: tuple[int, int, int] = DEFAULT_TILE) -> tuple[int, int, int]:
+    """A tuned tile shrunk to the next power of two of each dim (>= 16) for small problems."""
     def fit(limit: int, size: int) -> int:
         return max(_MIN_TILE, min(limit, 1 << max(size - 1, 0).bit_length()))
-    return fit(DEFAULT_TILE[0], num_rows), fit(DEFAULT_TILE[1], k_size), fit(DEFAULT_TILE[2], n_size)
+    return fit(tuned[0], num_rows), fit(tuned[1], k_size), fit(tuned[2], n_size)
 
 
 def _check_operands(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, contract: int) -> None:
@@ -335,16 +342,18 @@ def _check_dtypes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> Non
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                    preferred_element_type: Any = None, tile: tuple[int, int, int] | None = None,
                    rhs_layout: str = "ekn", interpret: bool | None = None,
-                   group_m: int = DEFAULT_GROUP_M, num_warps: int | None = 4,
-                   num_stages: int | None = 3) -> jax.Array:
+                   group_m: int = DEFAULT_GROUP_M, num_warps: int | None = DEFAULT_WARPS,
+                   num_stages: int | None = DEFAULT_STAGES, wgrad_tile: tuple[int, int, int] | None = None,
+                   wgrad_warps: int | None = WGRAD_WARPS, wgrad_stages: int | None = WGRAD_STAGES,
+                   ) -> jax.Array:
     """Dropless grouped GEMM out[t] = lhs[t] · rhs[g(t)] in one Pallas launch, equal to `lax.ragged_dot`.
 
     lhs [M, K] with rows sorted by group; rhs [E, K, N] (or [E, N, K] with rhs_layout="enk");
     group_sizes int[E]: rows past sum(group_sizes) give zeros; a sum over M drops the rows past M
     (group e owns rows [c_e - g_e, c_e) ∩ [0, M), c = cumsum), as lax.ragged_dot. Output dtype as
     lax.ragged_dot's (or preferred_element_type), accumulated in float32; FP8 e4m3fn/e5m2 supported.
-    tile=(bm, bk, bn): powers of two >= 16 (default DEFAULT_TILE, shrunk for small shapes); the
-    backward pass reuses it (dgrad: bk over N, bn over K; wgrad: dW blocks of bk x bn, bm rows a step).
+    tile=(bm, bk, bn): powers of two >= 16 (default DEFAULT_TILE, shrunk for small shapes), also used
+    by dgrad (bk over N, bn over K); wgrad_tile=(bm rows a step, dW block) defaults to WGRAD_TILE.
     interpret=None: compiled (Triton) on a GPU backend, Pallas interpret mode elsewhere.
     Differentiable in lhs and rhs (custom VJP: dgrad by this kernel, wgrad by a Pallas kernel).
     """
@@ -361,24 +370,29 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     if group_m < 1:
         raise ValueError(f"group_m must be a positive number of row tiles, got {group_m}")
     tile = _default_tile(num_rows, k_size, n_size) if tile is None else _check_tile(tile)
+    p_size, q_size = (k_size, n_size) if contract == 1 else (n_size, k_size)  # dW = [E, P, Q]
+    wgrad_tile = (_default_tile(num_rows, p_size, q_size, WGRAD_TILE) if wgrad_tile is None
+                  else _check_tile(wgrad_tile))
     if 0 in (num_rows, k_size, n_size):  # nothing to launch: empty output or a sum over nothing
         return jnp.zeros((num_rows, n_size), out_dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    plan = _Plan(contract, tile, jnp.dtype(out_dtype), bool(interpret), int(group_m), num_warps, num_stages)
+    plan = _Plan(contract, tile, jnp.dtype(out_dtype), bool(interpret), int(group_m), num_warps, num_stages,
+                 (wgrad_tile, wgrad_warps, wgrad_stages))
     return _grouped(lhs, rhs, group_sizes, plan)
 
 
 def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                   preferred_element_type: Any = None, tile: tuple[int, int, int] | None = None,
-                  interpret: bool | None = None, num_warps: int | None = 4,
-                  num_stages: int | None = 3) -> jax.Array:
+                  interpret: bool | None = None, num_warps: int | None = WGRAD_WARPS,
+                  num_stages: int | None = WGRAD_STAGES) -> jax.Array:
     """Per-group transposed product out[e] = lhs[rows of e]ᵀ · rhs[rows of e] (the wgrad GEMM) in one launch.
 
     lhs [M, P], rhs [M, Q], group_sizes int[E] -> [E, P, Q]: `lax.ragged_dot_general` with lhs
     ragged dim 0 contracted (group e owns rows [c_e - g_e, c_e) ∩ [0, M), c = cumsum; empty groups
     give zeros). The kernel grouped_matmul's backward pass uses, accumulated in float32; operands
-    float32, bfloat16, float16 or FP8. tile=(bm, bp, bq): bm rows a step, out blocks bp x bq.
+    float32, bfloat16, float16 or FP8. tile=(bm, bp, bq): bm rows a step, out blocks bp x bq
+    (default WGRAD_TILE, shrunk for small shapes).
     """
     lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
     if lhs.ndim != 2 or rhs.ndim != 2 or group_sizes.ndim != 1 or lhs.shape[0] != rhs.shape[0]:
@@ -392,7 +406,7 @@ def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                                preferred_element_type=preferred_element_type)
     out_dtype = jax.eval_shape(ragged, lhs, rhs, group_sizes).dtype  # ragged_dot_general's dtype rule
     num_rows, p_size, q_size = lhs.shape[0], lhs.shape[1], rhs.shape[1]
-    tile = _default_tile(num_rows, p_size, q_size) if tile is None else _check_tile(tile)
+    tile = _default_tile(num_rows, p_size, q_size, WGRAD_TILE) if tile is None else _check_tile(tile)
     if 0 in (num_rows, p_size, q_size):  # no rows: every group's sum is empty
         return jnp.zeros((group_sizes.shape[0], p_size, q_size), out_dtype)
     if interpret is None:
@@ -401,4 +415,4 @@ def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     return _grouped_wgrad(lhs, rhs, group_sizes, plan, plan.out_dtype)
 
 
-__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "grouped_matmul", "grouped_wgrad", "tile_schedule"]
+__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "WGRAD_TILE", "grouped_matmul", "grouped_wgrad", "tile_schedule"]
