@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--trace", default="")
+    p.add_argument("--top", type=int, default=15, help="events listed per traced process")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -126,8 +127,8 @@ def main() -> None:
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             timed(stream, 5)
         print(f"\ntop traced events over 5 real-stream steps (trained state), {trace_dir}")
-        for proc, events in top_events(trace_dir).items():
-            print(f"-- {proc}")
+        for proc, events in top_events(trace_dir, args.top).items():
+            print(f"-- {proc} (listed events: {sum(ms for _, ms, _ in events) / 5:.2f} ms/step)")
             for name, ms, n in events:
                 print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
 
