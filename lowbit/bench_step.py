@@ -189,6 +189,7 @@ def bench_step(args: argparse.Namespace) -> Runner:
                 baseline = row
             if baseline and row.get("ms") and baseline.get("ms"):
                 row["ratio"] = baseline["ms"] / row["ms"]  # > 1: faster than bf16
+                runner.write()  # the JSON holds the ratio even if an outer timeout ends the next recipe
     return runner
 
 

@@ -37,7 +37,7 @@ RHS_LAYOUTS = ("ekn", "enk")  # rhs [E, K, N] (ragged_dot's) | [E, N, K] (contra
 # Launch settings tuned on an H100 (tools/grouped_tiles.py, docs/benchmarks.md): (bm, bk, bn), warps,
 # stages. fprop and dgrad run one kernel; wgrad's tile is (bm rows a step, bp, bq) of dW's blocks.
 DEFAULT_TILE, DEFAULT_WARPS, DEFAULT_STAGES = (128, 64, 256), 8, 3
-WGRAD_TILE, WGRAD_WARPS, WGRAD_STAGES = (64, 128, 128), 4, 3
+WGRAD_TILE, WGRAD_WARPS, WGRAD_STAGES = (64, 128, 256), 8, 3
 DEFAULT_GROUP_M = 8  # row tiles per L2 group of the launch order
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), *_FP8)
