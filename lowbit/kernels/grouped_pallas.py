@@ -21,7 +21,8 @@ the row mask. Backward (jax.custom_vjp): dgrad dX = dY · rhs[g]ᵀ is the same 
 rhs's other dim (no transpose copy); wgrad dW[e] = X_eᵀ · dY_e is a second Pallas kernel over
 (expert, K block, N block) that loops over the expert's rows in bm steps (float32 accumulation).
 
-Runs compiled through the Triton backend on a GPU and in Pallas interpret mode elsewhere.
+Runs compiled through the Triton backend on a GPU and in Pallas interpret mode elsewhere. FP8 dots keep
+jax's accumulation (f32 promotion after every WGMMA) unless lowbit.kernels.triton_fp8_acc opts in.
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ def _compiler_params(plan: _Plan):
     if plan.interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
+
+    from lowbit.kernels import triton_fp8_acc
+
+    triton_fp8_acc.ensure_env_setting()  # opt-in $LOWBIT_FP8_MAX_IMPRECISE_ACC; acts when the jit lowers
 
     return plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 

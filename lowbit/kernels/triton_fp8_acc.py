@@ -1,0 +1,214 @@
+"""Opt-in FP8 fast accumulation for Pallas Triton dots: sets `tt.dot`'s `maxNumImpreciseAcc` attribute.
+
+Triton's WGMMA lowering (sm_90): an FP8 dot with an f32 accumulator and maxNumImpreciseAcc = n <= its K tile
+adds its partial sum into a separate f32 accumulator every n K elements; n > K tile never does (fast
+accumulation: Hopper's FP8 accumulator keeps ~14 bits; Python Triton's sm_90 default is n = 2^30,
+DeepSeek-V3 (arXiv:2412.19437 sec. 3.3.2) promotes every 128). jax's Pallas Triton lowering leaves n = 0,
+so every WGMMA result is promoted and async WGMMA / accumulator-init optimizations are off.
+
+PRIVATE-API SHIM, kept in this one module: jax has no public knob for this. It wraps the rule for
+`lax.dot_general_p` in `jax._src.pallas.triton.lowering.triton_lowering_rules` (layout checked on jax 0.10.2
+and 0.11): the wrapper calls jax's rule, finds the `tt.dot` ops it added to the current block and sets
+`maxNumImpreciseAcc` on those whose A operand is FP8. A jax whose layout differs gets a RuntimeError naming
+its version, never a silent no-op. Installed only while a value is set (idempotent, reversible).
+
+The setting is process-wide (every Pallas Triton FP8 dot lowered afterwards, lowbit's or not) and acts at
+lowering time, i.e. when the enclosing jit is lowered, not when it is traced. Changing it clears jax's
+caches (`jax.clear_caches`) so functions lowered before the change are lowered again with the new value.
+`$LOWBIT_FP8_MAX_IMPRECISE_ACC` (an int) gives the starting value, read at first use of this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ENV_VAR = "LOWBIT_FP8_MAX_IMPRECISE_ACC"
+_I32_MAX = 2**31 - 1  # the attribute is an i32 (Triton reads it as uint32; keep it non-negative)
+
+_setting: int | None = None
+_env_read = False
+_original_rule: Callable[..., Any] | None = None
+_patched_dots = 0  # FP8 tt.dot ops given the attribute since import: lets a benchmark prove the shim ran
+
+
+def _layout_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"lowbit.kernels.triton_fp8_acc cannot set maxNumImpreciseAcc on jax {jax.__version__}: {what}. "
+        "The shim was written for jax 0.10.2 / 0.11 (jax._src.pallas.triton.lowering.triton_lowering_rules); "
+        f"update the shim for this jax, or unset {ENV_VAR} / call set_fp8_max_imprecise_acc(None).")
+
+
+def _triton_lowering() -> Any:
+    """jax's private Pallas Triton lowering module, checked for the layout the shim relies on."""
+    try:
+        from jax._src.pallas.triton import lowering
+    except ImportError as error:
+        raise _layout_error(f"jax._src.pallas.triton.lowering does not import ({error})") from error
+    rules = getattr(lowering, "triton_lowering_rules", None)
+    if not isinstance(rules, dict) or lax.dot_general_p not in rules:
+        raise _layout_error("no triton_lowering_rules dict with a rule for lax.dot_general_p")
+    dot_op = getattr(getattr(lowering, "tt_dialect", None), "DotOp", None)
+    if dot_op is None or getattr(dot_op, "OPERATION_NAME", None) != "tt.dot":
+        raise _layout_error("the Triton dialect has no tt.dot op class (tt_dialect.DotOp)")
+    if getattr(lowering, "ir", None) is None:
+        raise _layout_error("the lowering module does not expose its MLIR ir module")
+    return lowering
+
+
+def _is_fp8_type(element_type: Any) -> bool:
+    # Triton's isFP8 covers every Float8 type (E4M3FN, E5M2 and their FNUZ forms); MLIR spells them f8*.
+    return str(element_type).startswith("f8")
+
+
+def _is_fp8_dtype(dtype: Any) -> bool:
+    return jnp.dtype(dtype).itemsize == 1 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _block_ops(block: Any) -> list[Any]:
+    return [op.operation for op in block.operations]
+
+
+def _mark_new_fp8_dots(new_ops: list[Any], n: int, ir: Any) -> int:
+    """Sets maxNumImpreciseAcc = n on the tt.dot ops among new_ops whose A operand is FP8; their count."""
+    marked = 0
+    for op in new_ops:
+        if op.name != "tt.dot":
+            continue
+        a_type = ir.RankedTensorType(op.operands[0].type)
+        if _is_fp8_type(a_type.element_type):
+            op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), n)
+            marked += 1
+    return marked
+
+
+def _make_wrapper(original: Callable[..., Any], lowering: Any) -> Callable[..., Any]:
+    ir = lowering.ir
+
+    def dot_general_with_fp8_acc(ctx: Any, *args: Any, **params: Any) -> Any:
+        global _patched_dots
+        n = _setting
+        if n is None or not ctx.avals_in or not _is_fp8_dtype(ctx.avals_in[0].dtype):
+            return original(ctx, *args, **params)  # only an FP8 A operand triggers Triton's promotion
+        try:
+            block = ir.InsertionPoint.current.block
+        except (ValueError, AttributeError) as error:
+            raise _layout_error(f"no MLIR insertion point while lowering dot_general ({error})") from error
+        before = set(_block_ops(block))
+        result = original(ctx, *args, **params)
+        new_ops = [op for op in _block_ops(block) if op not in before]
+        if not any(op.name == "tt.dot" for op in new_ops):
+            raise _layout_error("jax's dot_general rule added no tt.dot to the current block")
+        _patched_dots += _mark_new_fp8_dots(new_ops, n, ir)
+        return result
+
+    dot_general_with_fp8_acc.lowbit_original_rule = original  # type: ignore[attr-defined]
+    return dot_general_with_fp8_acc
+
+
+def _install() -> None:
+    global _original_rule
+    lowering = _triton_lowering()
+    rules = lowering.triton_lowering_rules
+    current = rules[lax.dot_general_p]
+    if hasattr(current, "lowbit_original_rule"):
+        return  # already installed
+    _original_rule = current
+    rules[lax.dot_general_p] = _make_wrapper(current, lowering)
+
+
+def _uninstall() -> None:
+    global _original_rule
+    if _original_rule is None:
+        return
+    from jax._src.pallas.triton import lowering
+
+    rules = lowering.triton_lowering_rules
+    if getattr(rules.get(lax.dot_general_p), "lowbit_original_rule", None) is _original_rule:
+        rules[lax.dot_general_p] = _original_rule
+    _original_rule = None
+
+
+def _check_value(n: Any, source: str) -> int | None:
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{source} must be an int or None, got {type(n).__name__} {n!r}; e.g. 128, or None "
+                        "for jax's default (promote every WGMMA)")
+    if not 0 <= n <= _I32_MAX:
+        raise ValueError(f"{source} must be in [0, 2^31 - 1], got {n}; use 128 (promote every 128 K "
+                         "elements) or 2**30 (Triton's fast-accumulation default)")
+    return n
+
+
+def _read_env() -> None:
+    global _env_read
+    if _env_read:
+        return
+    _env_read = True
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"${ENV_VAR} must be an int (e.g. 128) or empty, got {raw!r}; fix or unset it") \
+            from None
+    # The starting value: nothing was lowered under another one worth dropping, and this may run mid-trace.
+    _apply(_check_value(value, f"${ENV_VAR}"), clear_caches=False)
+
+
+def _apply(n: int | None, *, clear_caches: bool = True) -> None:
+    global _setting
+    if n is not None:
+        _install()  # raises on an unknown jax layout before anything changes
+    changed = n != _setting
+    _setting = n
+    if n is None:
+        _uninstall()
+    if changed and clear_caches:
+        jax.clear_caches()  # lowerings cached under the old value would otherwise be reused
+
+
+def set_fp8_max_imprecise_acc(n: int | None) -> None:
+    """Sets maxNumImpreciseAcc = n on every Pallas Triton FP8 dot lowered from now on (None: jax's default).
+
+    n <= the dot's K tile: promote to f32 every n K elements (128: DeepSeek-V3); n > K tile: never (2**30).
+    """
+    global _env_read
+    n = _check_value(n, "set_fp8_max_imprecise_acc(n)")
+    _env_read = True  # an explicit call overrides $LOWBIT_FP8_MAX_IMPRECISE_ACC
+    _apply(n)
+
+
+def get_fp8_max_imprecise_acc() -> int | None:
+    """The value set by set_fp8_max_imprecise_acc or $LOWBIT_FP8_MAX_IMPRECISE_ACC (None: jax's default)."""
+    _read_env()
+    return _setting
+
+
+@contextlib.contextmanager
+def fp8_max_imprecise_acc(n: int | None) -> Iterator[None]:
+    """Context manager form: the setting is n inside the block (lower the jit inside it), restored after."""
+    previous = get_fp8_max_imprecise_acc()
+    set_fp8_max_imprecise_acc(n)
+    try:
+        yield
+    finally:
+        set_fp8_max_imprecise_acc(previous)
+
+
+def ensure_env_setting() -> None:
+    """Applies $LOWBIT_FP8_MAX_IMPRECISE_ACC once (kernels call this when they build a Triton launch)."""
+    _read_env()
+
+
+def patched_dot_count() -> int:
+    """FP8 tt.dot ops given maxNumImpreciseAcc since import (a benchmark checks it moved: the shim ran)."""
+    return _patched_dots

@@ -1,0 +1,171 @@
+"""lowbit.kernels.triton_fp8_acc: maxNumImpreciseAcc on the Pallas Triton FP8 dots, checked in the lowered IR.
+
+grouped_matmul is lowered for "cuda" on the CPU (as test_grouped_pallas's Triton lowering test); the Triton
+module rides as MLIR bytecode in the custom call's backend_config `ir` field. The test parses it back in
+its own MLIR context with the Triton dialect and reads every tt.dot's A element type and attribute.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from lowbit.kernels import triton_fp8_acc
+from lowbit.kernels.grouped_pallas import grouped_matmul
+
+pytest.importorskip("jax.experimental.pallas.triton")
+ir = pytest.importorskip("jaxlib.mlir.ir")
+tt_dialect = pytest.importorskip("jaxlib.triton.dialect")
+jax_mlir = pytest.importorskip("jax.interpreters.mlir")
+
+ROWS, K, N, E = 256, 256, 128, 4
+SIZES = jax.ShapeDtypeStruct((E,), jnp.int32)
+E4M3 = jnp.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def _default_setting(monkeypatch):
+    monkeypatch.delenv(triton_fp8_acc.ENV_VAR, raising=False)
+    triton_fp8_acc.set_fp8_max_imprecise_acc(None)
+    yield
+    triton_fp8_acc.set_fp8_max_imprecise_acc(None)
+
+
+def _forward(x, w, g):
+    return grouped_matmul(x, w, g, preferred_element_type=jnp.bfloat16, rhs_layout="enk", interpret=False)
+
+
+def _forward_backward(x, w, g, dy):  # fprop, dgrad and wgrad kernels: three launches
+    return jax.vjp(lambda a, b: _forward(a, b, g), x, w)[1](dy)
+
+
+def _fp8_args(lhs_dtype=E4M3, rhs_dtype=E4M3):
+    return jax.ShapeDtypeStruct((ROWS, K), lhs_dtype), jax.ShapeDtypeStruct((E, N, K), rhs_dtype), SIZES
+
+
+def _bf16_args():
+    return (jax.ShapeDtypeStruct((ROWS, K), jnp.bfloat16), jax.ShapeDtypeStruct((E, N, K), jnp.bfloat16),
+            SIZES, jax.ShapeDtypeStruct((ROWS, N), jnp.bfloat16))
+
+
+def _walk(op, visit):
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                visit(child.operation)
+                _walk(child.operation, visit)
+
+
+def _triton_modules(fn, *args) -> list[bytes]:
+    """The Triton bytecode of every Pallas launch in fn lowered for a GPU (the shim acts in lowering)."""
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    found = []
+
+    def visit(op):
+        if op.name == "stablehlo.custom_call" and "xla.gpu.triton" in str(op.attributes["call_target_name"]):
+            config = ir.DictAttr(op.attributes["mhlo.backend_config"])
+            found.append(ir.StringAttr(config["ir"]).value_bytes)
+
+    _walk(module.operation, visit)
+    return found
+
+
+def _dots(fn, *args) -> list[tuple[str, int]]:
+    """(A element type, maxNumImpreciseAcc) of every tt.dot, parsed back from the bytecode."""
+    dots = []
+    for bytecode in _triton_modules(fn, *args):
+        context = jax_mlir.make_ir_context()
+        tt_dialect.register_dialect(context)
+        context.load_all_available_dialects()
+        with context:
+            module = ir.Module.parse(bytecode)
+
+            def visit(op):
+                if op.name == "tt.dot":
+                    attrs = op.attributes  # the attribute defaults to 0 when absent
+                    acc = ir.IntegerAttr(attrs["maxNumImpreciseAcc"]).value if "maxNumImpreciseAcc" in attrs \
+                        else 0
+                    dots.append((str(ir.RankedTensorType(op.operands[0].type).element_type), acc))
+
+            _walk(module.operation, visit)
+    return dots
+
+
+def test_fp8_dot_gets_the_value_only_while_set_and_default_comes_back():
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]  # jax's default: promote every WGMMA
+    before = triton_fp8_acc.patched_dot_count()
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() == 128
+    # Same function object again: the setter must drop jax's cached lowering, or 0 would come back.
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 128)]
+    assert triton_fp8_acc.patched_dot_count() == before + 1
+    triton_fp8_acc.set_fp8_max_imprecise_acc(2**30)  # Python Triton's sm_90 default
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 2**30)]
+    triton_fp8_acc.set_fp8_max_imprecise_acc(None)
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]
+
+
+def test_install_is_idempotent_and_off_restores_jaxs_rule():
+    from jax._src.pallas.triton import lowering  # private: the registry the shim wraps
+
+    original = lowering.triton_lowering_rules[lax.dot_general_p]
+    triton_fp8_acc.set_fp8_max_imprecise_acc(64)
+    wrapped = lowering.triton_lowering_rules[lax.dot_general_p]
+    assert wrapped is not original
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    assert lowering.triton_lowering_rules[lax.dot_general_p] is wrapped  # not wrapped twice
+    triton_fp8_acc.set_fp8_max_imprecise_acc(None)
+    assert lowering.triton_lowering_rules[lax.dot_general_p] is original
+
+
+def test_bf16_dots_are_never_changed():
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    dots = _dots(_forward_backward, *_bf16_args())
+    assert sorted(dots) == [("bf16", 0)] * 3  # fprop, dgrad, wgrad
+
+
+def test_mixed_fp8_operands_widen_to_a_bf16_dot_that_stays_unmarked():
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)  # e4m3 x e5m2: grouped_pallas dots them in bfloat16
+    assert _dots(_forward, *_fp8_args(E4M3, jnp.float8_e5m2)) == [("bf16", 0)]
+
+
+def test_context_manager_restores_the_previous_value():
+    triton_fp8_acc.set_fp8_max_imprecise_acc(256)
+    with triton_fp8_acc.fp8_max_imprecise_acc(32):
+        assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 32)]
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() == 256
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 256)]
+
+
+def test_env_var_sets_the_starting_value_at_first_use(monkeypatch):
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)  # as in a fresh process: nothing read,
+    jax.clear_caches()  # nothing traced yet
+    monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "128")
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 128)]  # grouped_matmul reads it when traced
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() == 128
+
+
+def test_bad_env_var_raises_naming_it(monkeypatch):
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=triton_fp8_acc.ENV_VAR):
+        triton_fp8_acc.get_fp8_max_imprecise_acc()
+
+
+@pytest.mark.parametrize("value, error", [(True, TypeError), (128.0, TypeError), ("128", TypeError),
+                                          (-1, ValueError), (2**31, ValueError)])
+def test_bad_values_raise_naming_the_fix(value, error):
+    with pytest.raises(error, match="128"):
+        triton_fp8_acc.set_fp8_max_imprecise_acc(value)
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() is None
+
+
+def test_unknown_jax_layout_raises_naming_the_version(monkeypatch):
+    from jax._src.pallas.triton import lowering
+
+    monkeypatch.setattr(lowering, "triton_lowering_rules", {})
+    with pytest.raises(RuntimeError, match=f"jax {jax.__version__}"):
+        triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() is None
