@@ -4,7 +4,10 @@ The MoE layer's fwd+bwd runs three grouped GEMMs: fprop Y = X·W[g] (grouped_mat
 dgrad dX = dY·W[g]ᵀ (grouped_matmul with rhs_layout="enk": W [E, K, N] read as [E, N_out, K_in]) and
 wgrad dW[e] = X_eᵀ·dY_e (grouped_wgrad). Each may want its own tile; this times every candidate tile
 per kernel against a dense GEMM with the same useful FLOPs, Zipf routing as `bench grouped`.
+--fp8-imprecise-acc N sets Triton's maxNumImpreciseAcc = N on the FP8 dots (lowbit.kernels.triton_fp8_acc:
+N <= bk promotes the FP8 partial sums to f32 every N K elements, N > bk never; default: every WGMMA).
 Usage: python tools/grouped_tiles.py --configs e8k2,e64k8 --json /tmp/tiles.json
+       python tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit.bench_gemm import GROUPED_CONFIGS, GROUPED_TOKENS, measure, per_tensor_e4m3, zipf_group_sizes
+from lowbit.kernels import triton_fp8_acc
 from lowbit.kernels.grouped_pallas import grouped_matmul, grouped_wgrad
 
 BF16 = jnp.bfloat16
@@ -44,7 +48,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tiles", default="", help="bm:bk:bn:warps:stages,... instead of the built-in lists")
     p.add_argument("--json", default="/tmp/grouped_tiles.json")
+    p.add_argument("--fp8-imprecise-acc", type=int, default=None, metavar="N",
+                   help="Triton maxNumImpreciseAcc on FP8 dots (128: promote every 128 K; 1073741824: never)")
     args = p.parse_args()
+    if args.fp8_imprecise_acc is not None:
+        triton_fp8_acc.set_fp8_max_imprecise_acc(args.fp8_imprecise_acc)  # before anything is lowered
+    fp8_acc = triton_fp8_acc.get_fp8_max_imprecise_acc()  # the flag, else $LOWBIT_FP8_MAX_IMPRECISE_ACC
+    print(f"fp8 maxNumImpreciseAcc: {'jax default (0)' if fp8_acc is None else fp8_acc}", flush=True)
     rows = []
     tokens = GROUPED_TOKENS["full"]
     for config in args.configs.split(","):
@@ -82,7 +92,8 @@ def main() -> None:
                     f, a = (lambda a, b, s, o=opts: grouped_wgrad(a, b, s, **o)), (x, dy, sizes)
                 else:
                     f, a = (lambda a, b, s, o=enk: grouped_matmul(a, b, s, **o)), (x8, w8, sizes)
-                row = {"config": config, "kernel": kernel, "tile": tile, "dense_ms": base["ms"]}
+                row = {"config": config, "kernel": kernel, "tile": tile, "dense_ms": base["ms"],
+                       "fp8_max_imprecise_acc": fp8_acc}
                 try:
                     r = measure(f, [a], flops, args.iters)
                     row.update(ms=r["ms"], tflops=r["tflops"], ratio=base["ms"] / r["ms"])
@@ -100,8 +111,14 @@ def main() -> None:
     print("\nbest tile per kernel:")
     for (config, kernel), row in sorted(best.items()):
         print(f"  {config} {kernel:9s} {row['tile']:16s} {row['ratio']:.3f}x dense ({row['ms']:.3f} ms)")
+    patched = triton_fp8_acc.patched_dot_count()
+    print(f"FP8 tt.dot ops given maxNumImpreciseAcc: {patched}")
     with open(args.json, "w") as f:
-        json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "rows": rows}, f, indent=1)
+        json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "fp8_max_imprecise_acc": fp8_acc,
+                   "fp8_dots_patched": patched, "rows": rows}, f, indent=1)
+    if fp8_acc is not None and any(k.startswith("fp8") for k in args.kernels.split(",")) and not patched:
+        raise SystemExit("maxNumImpreciseAcc was set but no FP8 Triton dot was lowered with it: the shim did "
+                         "not run, so these timings are jax's default")
 
 
 if __name__ == "__main__":
