@@ -1,32 +1,35 @@
 #!/usr/bin/env bash
-# The GPU work left open after the third 2026-11-23 session, one device call (<= 10 min) per mode.
+# The GPU work left open after the fourth 2026-11-23 session, one device call (<= 10 min) per mode.
 # Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
-#   tools/device_next.sh kernels   (1) bench gemm, every recipe, XLA quantize vs the fused kernel, which
-#                                  now also takes stochastic rounding (FP4 recipes' gradients);
-#                                  (2) bench grouped with the one-launch Pallas grouped GEMM, a tile sweep
-#   tools/device_next.sh step      bench step: small (every recipe, fused quantize), small with
-#                                  moe_impl=pallas, and moe-1.8b (the largest MoE step config on one H100)
+#   tools/device_next.sh fp8acc   the Pallas grouped GEMM with FP8 operands (0.32x cuBLAS FP8 so far):
+#                                 jax's Pallas lowering leaves Triton's maxNumImpreciseAcc at 0, promoting
+#                                 every WGMMA; time it at the default, 128 (DeepSeek-V3) and 2^30
+#                                 (lowbit.kernels.triton_fp8_acc), then bench grouped fp8 with the best
+#   tools/device_next.sh step     bench step with moe_impl=pallas for the quantized recipes (bf16 with it:
+#                                 1.06-1.08x over capacity; fp8 slower), small and moe-1.8b
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
-run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log" | tail -n 25; }
+run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
-  kernels)
-    for impl in xla auto; do
-      LOWBIT_QUANTIZE_IMPL=$impl run timeout 110 python3 -m lowbit.bench gemm --recipes fp8,mxfp8,nvfp4,mxfp4 \
-        --shapes 1 --json "$out/gemm_$impl.json"
-    done
-    run timeout 330 python3 -m lowbit.bench grouped --size full --configs e8k2,e64k8 \
-      --variants dense,ragged_dot,grouped,pallas \
-      --pallas-tiles 128:64:128:4:3,128:64:256:8:3,64:64:128:4:4 --json "$out/grouped_pallas.json"
+  fp8acc)
+    run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --json "$out/fp8acc_default.json"
+    run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 \
+      --json "$out/fp8acc_128.json"
+    run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 1073741824 \
+      --json "$out/fp8acc_2p30.json"
+    # accuracy of each setting against a float64 reference still to add before any default changes
+    LOWBIT_FP8_MAX_IMPRECISE_ACC=128 run timeout 150 python3 -m lowbit.bench grouped --configs e8k2,e64k8 \
+      --variants dense,ragged_dot,pallas --dtypes fp8 --pallas-tiles 128:128:256:8:3 \
+      --json "$out/grouped_fp8_acc128.json"
     ;;
   step)
-    run timeout 300 python3 -m lowbit.bench step --configs small --tokens data --time-budget-s 290 \
-      --cache-dir /tmp/xla_cache --json "$out/step_small.json"
-    run timeout 120 python3 -m lowbit.bench step --configs small --recipes bf16 --override moe_impl=pallas \
-      --json "$out/step_small_pallas.json"
-    run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8,mxfp8 \
-      --time-budget-s 150 --json "$out/step_moe18b.json"
+    for impl in capacity pallas; do
+      run timeout 200 python3 -m lowbit.bench step --configs small --recipes mxfp8,nvfp4 --override moe_impl=$impl \
+        --cache-dir /tmp/xla_cache --time-budget-s 190 --json "$out/step_small_mx_$impl.json"
+    done
+    run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8 --override moe_impl=pallas \
+      --time-budget-s 150 --json "$out/step_moe18b_mxfp8_pallas.json"
     ;;
-  *) echo "usage: $0 kernels|step" >&2; exit 2 ;;
+  *) echo "usage: $0 fp8acc|step" >&2; exit 2 ;;
 esac
