@@ -84,9 +84,9 @@ def _dots(fn, *args) -> list[tuple[str, int]]:
 
             def visit(op):
                 if op.name == "tt.dot":
-                    attrs = op.attributes  # the attribute defaults to 0 when absent
-                    acc = ir.IntegerAttr(attrs["maxNumImpreciseAcc"]).value if "maxNumImpreciseAcc" in attrs \
-                        else 0
+                    # The Triton dialect's own accessor (ODS name), not the shim's string: a misspelt
+                    # attribute in the shim would leave this at jax's 0.
+                    acc = ir.IntegerAttr(op.opview.maxNumImpreciseAcc).value  # tt_dialect.DotOp view
                     dots.append((str(ir.RankedTensorType(op.operands[0].type).element_type), acc))
 
             _walk(module.operation, visit)
@@ -152,6 +152,22 @@ def test_bad_env_var_raises_naming_it(monkeypatch):
     monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=triton_fp8_acc.ENV_VAR):
         triton_fp8_acc.get_fp8_max_imprecise_acc()
+
+
+def test_bad_env_var_keeps_raising_instead_of_running_without_it(monkeypatch):
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "-1")
+    for _ in range(2):  # the second use must not fall back silently to jax's default
+        with pytest.raises(ValueError, match=triton_fp8_acc.ENV_VAR):
+            triton_fp8_acc.get_fp8_max_imprecise_acc()
+
+
+def test_fp8_dot_left_unmarked_by_jax_rule_raises(monkeypatch):
+    """A jax whose rule casts FP8 operands before tt.dot would make the setting a silent no-op."""
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    monkeypatch.setattr(triton_fp8_acc, "_is_fp8_type", lambda element_type: False)  # as if cast
+    with pytest.raises(RuntimeError, match="no FP8 tt.dot"):
+        _dots(_forward, *_fp8_args())
 
 
 @pytest.mark.parametrize("value, error", [(True, TypeError), (128.0, TypeError), ("128", TypeError),

@@ -105,7 +105,12 @@ def _make_wrapper(original: Callable[..., Any], lowering: Any) -> Callable[..., 
         new_ops = [op for op in _block_ops(block) if op not in before]
         if not any(op.name == "tt.dot" for op in new_ops):
             raise _layout_error("jax's dot_general rule added no tt.dot to the current block")
-        _patched_dots += _mark_new_fp8_dots(new_ops, n, ir)
+        marked = _mark_new_fp8_dots(new_ops, n, ir)
+        if not marked and not isinstance(params.get("precision"), lax.DotAlgorithmPreset):
+            # FP8 avals in but no FP8 tt.dot out: the rule now casts FP8 operands (only an algorithm
+            # preset should), so the value would silently do nothing.
+            raise _layout_error("jax's dot_general rule gave its FP8 operands to no FP8 tt.dot")
+        _patched_dots += marked
         return result
 
     dot_general_with_fp8_acc.lowbit_original_rule = original  # type: ignore[attr-defined]
@@ -151,17 +156,19 @@ def _read_env() -> None:
     global _env_read
     if _env_read:
         return
-    _env_read = True
     raw = os.environ.get(ENV_VAR, "").strip()
-    if not raw:
-        return
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"${ENV_VAR} must be an int (e.g. 128) or empty, got {raw!r}; fix or unset it") \
-            from None
-    # The starting value: nothing was lowered under another one worth dropping, and this may run mid-trace.
-    _apply(_check_value(value, f"${ENV_VAR}"), clear_caches=False)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"${ENV_VAR} must be an int (e.g. 128) or empty, got {raw!r}; fix or unset it") \
+                from None
+        # The starting value: nothing was lowered under another one worth dropping, and this may run
+        # mid-trace.
+        _apply(_check_value(value, f"${ENV_VAR}"), clear_caches=False)
+    # Marked read only once applied: a bad value (or an unknown jax layout) raises on every use instead
+    # of once and then silently running without the setting.
+    _env_read = True
 
 
 def _apply(n: int | None, *, clear_caches: bool = True) -> None:
@@ -195,7 +202,10 @@ def get_fp8_max_imprecise_acc() -> int | None:
 
 @contextlib.contextmanager
 def fp8_max_imprecise_acc(n: int | None) -> Iterator[None]:
-    """Context manager form: the setting is n inside the block (lower the jit inside it), restored after."""
+    """Context manager form: the setting is n inside the block (lower the jit inside it), restored after.
+
+    Not thread-local: other threads lowering Pallas Triton FP8 dots meanwhile see n too.
+    """
     previous = get_fp8_max_imprecise_acc()
     set_fp8_max_imprecise_acc(n)
     try:
