@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from lowbit.kernels.grouped_pallas import grouped_matmul, tile_schedule
+from lowbit.kernels.grouped_pallas import grouped_matmul, grouped_wgrad, tile_schedule
 from tests.reference_np import ref_ragged_dot
 
 M, K, N, E = 96, 32, 48, 4
@@ -163,7 +163,8 @@ def test_gradients_match_float64ref_ragged_dot(layout, sizes, wgrad_tile):
     (((M, K), (E, N, K), (E,)), {}, ValueError, "rhs_layout='enk'"),
     (((M, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),
     (((0, K), (E, K, N), (E,)), {"tile": (16, 24, 16)}, ValueError, "powers of two"),  # empty: still checked
-    (((M, K), (E, K, N), (E,)), {"wgrad_tile": (16, 16, 8)}, ValueError, "powers of two"),
+    (((M, K), (E, K, N), (E,)), {"wgrad_tile": (16, 16, 8)}, ValueError, "wgrad_tile must be.*powers"),
+    (((0, K), (E, K, N), (E,)), {"wgrad_tile": (16, 16, 8)}, ValueError, "wgrad_tile must be"),  # empty too
     (((M, K), (E, K, N), (E,)), {"rhs_layout": "kn"}, ValueError, "rhs_layout must be"),
 ])
 def test_bad_shapes_raise_value_error_naming_the_fix(args, kwargs, error, match):
@@ -171,6 +172,32 @@ def test_bad_shapes_raise_value_error_naming_the_fix(args, kwargs, error, match)
     with pytest.raises(error, match=match):
         grouped_matmul(jnp.zeros(lhs_shape), jnp.zeros(rhs_shape), jnp.zeros(sizes_shape, jnp.int32),
                        **kwargs)
+
+
+@pytest.mark.parametrize("name, sizes", [GROUPINGS[0], GROUPINGS[4]], ids=["uneven", "sum_exceeds_rows"])
+def test_grouped_wgrad_matches_float64_per_group_products(name, sizes):
+    """out[e] = a[rows of e]ᵀ · b[rows of e], rows cut at M as lax.ragged_dot_general; empty groups 0."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((M, N)).astype(np.float32)
+    got = np.asarray(grouped_wgrad(a, b, jnp.asarray(sizes, jnp.int32), tile=(32, 16, 32)))
+    assert got.shape == (E, K, N) and got.dtype == np.float32
+    starts = np.minimum(np.cumsum(sizes) - np.asarray(sizes), M)
+    ends = np.minimum(np.cumsum(sizes), M)
+    for e in range(E):
+        rows = slice(starts[e], ends[e])
+        want = a[rows].T.astype(np.float64) @ b[rows]
+        bound = 1e-5 * np.abs(a[rows]).T.astype(np.float64) @ np.abs(b[rows])  # float32 sums of <= M
+        np.testing.assert_array_less(np.abs(got[e] - want), bound + 1e-30, err_msg=f"{name} group {e}")
+        if ends[e] == starts[e]:
+            assert not np.any(got[e]), "a group without rows gives exact zeros"
+
+
+def test_grouped_wgrad_checks_its_tile_even_without_rows():
+    with pytest.raises(ValueError, match=r"tile must be \(bm, bp, bq\)"):
+        grouped_wgrad(jnp.zeros((0, K)), jnp.zeros((0, N)), jnp.zeros((E,), jnp.int32), tile=(16, 16, 8))
+    out = grouped_wgrad(jnp.zeros((0, K)), jnp.zeros((0, N)), jnp.zeros((E,), jnp.int32))
+    assert out.shape == (E, K, N) and not np.any(np.asarray(out))
 
 
 def test_bad_dtypes_raise_type_error_naming_the_fix():

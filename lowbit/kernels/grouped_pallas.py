@@ -301,14 +301,14 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 # ----------------------------------------------------------------------------- public
-def _check_tile(tile: Any) -> tuple[int, int, int]:
+def _check_tile(tile: Any, name: str = "tile", dims_named: str = "(bm, bk, bn)") -> tuple[int, int, int]:
     try:
         dims = tuple(int(d) for d in tile)
     except TypeError:
         dims = ()
     if len(dims) != 3 or any(d < _MIN_TILE or d & (d - 1) for d in dims):
-        raise ValueError(f"tile must be (bm, bk, bn), powers of two >= {_MIN_TILE} (Triton's block and dot "
-                         f"limits), got {tile!r}; e.g. tile=(128, 64, 128)")
+        raise ValueError(f"{name} must be {dims_named}, powers of two >= {_MIN_TILE} (Triton's block and dot "
+                         f"limits), got {tile!r}; e.g. {name}=(128, 64, 128)")
     return dims  # type: ignore[return-value]
 
 
@@ -358,7 +358,9 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     (group e owns rows [c_e - g_e, c_e) ∩ [0, M), c = cumsum), as lax.ragged_dot. Output dtype as
     lax.ragged_dot's (or preferred_element_type), accumulated in float32; FP8 e4m3fn/e5m2 supported.
     tile=(bm, bk, bn): powers of two >= 16 (default DEFAULT_TILE, shrunk for small shapes), also used
-    by dgrad (bk over N, bn over K); wgrad_tile=(bm rows a step, dW block) defaults to WGRAD_TILE.
+    by dgrad (bk over N, bn over K), with num_warps/num_stages; wgrad_tile=(bm rows a step, bp, bq: the
+    dW [E, P, Q] block; P = K, Q = N for "ekn", P = N, Q = K for "enk") defaults to WGRAD_TILE, shrunk
+    likewise, with wgrad_warps/wgrad_stages.
     interpret=None: compiled (Triton) on a GPU backend, Pallas interpret mode elsewhere.
     Differentiable in lhs and rhs (custom VJP: dgrad by this kernel, wgrad by a Pallas kernel).
     """
@@ -377,7 +379,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     tile = _default_tile(num_rows, k_size, n_size) if tile is None else _check_tile(tile)
     p_size, q_size = (k_size, n_size) if contract == 1 else (n_size, k_size)  # dW = [E, P, Q]
     wgrad_tile = (_default_tile(num_rows, p_size, q_size, WGRAD_TILE) if wgrad_tile is None
-                  else _check_tile(wgrad_tile))
+                  else _check_tile(wgrad_tile, "wgrad_tile", "(bm, bp, bq)"))
     if 0 in (num_rows, k_size, n_size):  # nothing to launch: empty output or a sum over nothing
         return jnp.zeros((num_rows, n_size), out_dtype)
     if interpret is None:
@@ -411,7 +413,8 @@ def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                                preferred_element_type=preferred_element_type)
     out_dtype = jax.eval_shape(ragged, lhs, rhs, group_sizes).dtype  # ragged_dot_general's dtype rule
     num_rows, p_size, q_size = lhs.shape[0], lhs.shape[1], rhs.shape[1]
-    tile = _default_tile(num_rows, p_size, q_size, WGRAD_TILE) if tile is None else _check_tile(tile)
+    tile = (_default_tile(num_rows, p_size, q_size, WGRAD_TILE) if tile is None
+            else _check_tile(tile, "tile", "(bm, bp, bq)"))
     if 0 in (num_rows, p_size, q_size):  # no rows: every group's sum is empty
         return jnp.zeros((group_sizes.shape[0], p_size, q_size), out_dtype)
     if interpret is None:
