@@ -363,12 +363,14 @@ def _kernel_operand(op: Operand) -> tuple[jax.Array, jax.Array | None, float]:
     """(values the Pallas kernel multiplies exactly, tensor scale or None, prescale): op = values·ts/prescale.
 
     Per-tensor FP8: the e4m3/e5m2 data itself. MX: element·2^s in bfloat16, exact: an element has
-    <= 4 significant bits (E4M3; E2M1, E2M3, E3M2, E5M2 fewer), a power of two adds none, and
-    bfloat16 holds 8 with float32's exponent range (only |values| < 2^-130, from blocks whose amax
-    is below ~2^-120, would lose bits). NVFP4: element·block scale in bfloat16, exact: E2M1 (2 bits)
-    times E4M3 (4 bits) has <= 6 significant bits, in [2^-10, 2688]. The NVFP4 FP32 tensor scale
-    (24 bits) and 1/prescale (3/4: not a power of two) would round a bfloat16 product, so they are
-    returned apart and applied to the float32 accumulator. High-precision operands pass as they are.
+    <= 4 significant bits (E4M3, E2M3; E2M1, E3M2, E5M2 fewer), a power of two adds none, and
+    bfloat16 holds 8 with float32's exponent range (only |values| < 2^-130 can lose bits, in blocks
+    whose amax is below 2^-102: E5M2's 2^-16 quantum times 2^s must stay >= 2^-133).
+    NVFP4: element·block scale in bfloat16, exact: E2M1 (2 bits) times E4M3 (4 bits) has <= 6
+    significant bits, in [2^-10, 2688].
+    The NVFP4 FP32 tensor scale (24 bits) and 1/prescale (3/4: not a power of two) would round a
+    bfloat16 product, so they are returned apart and applied to the float32 accumulator.
+    High-precision operands pass as they are.
     """
     if not isinstance(op, QArray):
         return (op if op.dtype in _KERNEL_FLOATS else op.astype(jnp.float32)), None, 1.0
@@ -509,9 +511,11 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: R
     impl="xla": dequantized float32 operands into lax.ragged_dot / ragged_dot_general (emulation).
     impl="pallas": the same quantized operands into lowbit.kernels.grouped_pallas (one launch per
     GEMM): FP8 data as it is, MX/NVFP4 blocks as exact bfloat16 values, tensor scales and prescale
-    on the float32 accumulator, so only the summation order differs from "xla"; no case needs the
-    float32 kernel except operands a pass keeps in high precision (their own dtype). `precision`
-    applies to "xla" only (the kernel's float32 dots use Triton's default, TF32, on a GPU).
+    on the float32 accumulator, so the products are the same and only the float32 summation order
+    and the rounding of the scale multiplies (once on the sum, not per element) differ from "xla";
+    no case needs the float32 kernel except operands a pass keeps in high precision (their own
+    dtype). `precision` applies to "xla" only (the kernel's float32 dots use Triton's default, TF32,
+    on a GPU).
     """
     if impl not in RAGGED_IMPLS:
         raise ValueError(f"ragged_dot impl must be one of {RAGGED_IMPLS} ('xla': lax.ragged_dot, "

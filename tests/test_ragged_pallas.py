@@ -32,9 +32,11 @@ GROUPINGS = {
     "sum_exceeds_rows": (40, 30, 0, 10),  # 80 > T: group 1 keeps rows 40..63 only (lax.ragged_dot)
 }
 # float32 summation of n products: |error| <= n·2^-24·Σ|a·b| (Higham's γ_n); with Gaussian
-# operands Σ|a·b| stays below ~√K = 8 times max|y|, and n <= K = 64 (wgrad: <= T = 64 rows).
+# operands Σ|a·b| stays below ~√K = 8 times max|y| of the same row, and n <= K = 64 (wgrad: <= T = 64
+# rows, against the same expert's max|dW|). Per row / expert, not the global max: x's rows span 2^-12..
+# 2^12 in magnitude, so a global atol would check the small rows to ~10% only.
 # Applying the tensor scales after the sum instead of to each operand adds two roundings (2^-24).
-F32_SUM_ATOL = 64 * 8 * 2.0**-24  # times max|reference|: 3.1e-5
+F32_SUM_ATOL = 64 * 8 * 2.0**-24  # times max|reference| of the row (expert for dW): 3.1e-5
 F32_RTOL = 4 * 2.0**-24  # the scale roundings, relative to each output
 
 
@@ -74,8 +76,9 @@ def test_pallas_matches_xla_on_the_same_quantized_operands(recipe):
         for what, g, r in zip(("y", "dx", "dw"), got, want, strict=True):
             assert g.dtype == r.dtype == jnp.float32 and g.shape == r.shape
             g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
-            np.testing.assert_allclose(g, r, rtol=F32_RTOL, atol=F32_SUM_ATOL * np.abs(r).max(),
-                                       err_msg=f"{recipe} {name} {what}")
+            row_max = np.abs(r).max(axis=(1, 2) if what == "dw" else 1, keepdims=True)
+            bound = F32_RTOL * np.abs(r) + F32_SUM_ATOL * row_max + 1e-30  # rows both zero: equal
+            np.testing.assert_array_less(np.abs(g - r), bound, err_msg=f"{recipe} {name} {what}")
             assert np.abs(r).max() > 0, f"{recipe} {name} {what}: the reference is all zeros"
         y, dx, dw = (np.asarray(a) for a in got)
         owned = _owned_rows(sizes)
@@ -258,8 +261,7 @@ def test_quantized_pallas_model_runs_the_grouped_kernel(monkeypatch):
     """End to end: quantize_model's hook forwards impl="pallas" to lowbit.dot.ragged_dot."""
     from lowbit.nn.quant_modules import QuantRaggedDot
 
-    if "impl" not in inspect.signature(QuantRaggedDot.__call__).parameters:
-        pytest.skip("lowbit.nn.QuantRaggedDot does not forward impl= to lowbit.dot.ragged_dot yet")
+    assert "impl" in inspect.signature(QuantRaggedDot.__call__).parameters  # a failure, not a skip
     import lowbit
     import lowbit.kernels.grouped_pallas as gp
 
