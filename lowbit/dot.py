@@ -438,13 +438,12 @@ def _ragged_wgrad(static: _Static, x_pad: Operand, dy_pad: Operand, padded_sizes
         dw = lax.ragged_dot_general(_values(x_pad), _values(dy_pad), padded_sizes, _WGRAD_RAGGED_DIMS,
                                     precision=static.precision, preferred_element_type=jnp.float32)
         return dw.astype(out_dtype)
-    from lowbit.kernels.grouped_pallas import grouped_wgrad  # lazy: Pallas only when asked for
+    from lowbit.kernels.grouped_pallas import group_bounds, grouped_wgrad  # lazy: Pallas only when asked for
 
     a, ts_a, p_a = _kernel_operand(x_pad)
     b, ts_b, p_b = _kernel_operand(dy_pad)
     acc = grouped_wgrad(a, b, padded_sizes, preferred_element_type=jnp.float32)
-    ends = jnp.minimum(jnp.cumsum(padded_sizes), a.shape[0])
-    has_rows = (ends - jnp.minimum(jnp.cumsum(padded_sizes) - padded_sizes, a.shape[0]) > 0)[:, None, None]
+    has_rows = (group_bounds(padded_sizes, a.shape[0])[1] > 0)[:, None, None]  # the kernel's own row rule
     return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), has_rows).astype(out_dtype)
 
 

@@ -7,7 +7,7 @@ each row tile one expert, and no tile straddles two groups, so the math has no c
 
 Tile schedule (static length ceil(M / bm) + E, an upper bound: sum_e ceil(g_e / bm) <= M / bm + E):
   1. real tiles: group e gets ceil(g_e / bm) tiles of bm rows starting at its first row (g_e: its
-     rows within [0, M), see _group_bounds); its last tile may hold fewer valid rows (the rest of
+     rows within [0, M), see group_bounds); its last tile may hold fewer valid rows (the rest of
      the tile is masked on load and store);
   2. zero tiles: rows [sum(g), M) in bm steps are written as zeros (no K loop). They always fit in
      the spare slots, since ceil(M/bm) + E - sum_e ceil(g_e/bm) >= (M - sum(g) + E) / bm;
@@ -55,7 +55,7 @@ class _Plan(NamedTuple):
     group_m: int
     num_warps: int | None
     num_stages: int | None
-    wgrad: tuple[tuple[int, int, int], int | None, int | None] | None = None  # (tile, warps, stages)
+    wgrad: tuple[tuple[int, int, int], int | None, int | None] | None  # backward's; None: no backward
 
 
 class _Schedule(NamedTuple):
@@ -68,7 +68,7 @@ class _Schedule(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- schedule (XLA)
-def _group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
     """(first row, size) per group: group e owns rows [c_e - g_e, c_e) ∩ [0, num_rows), c = cumsum(g).
 
     Clipping start and end separately keeps each group's own first row when sum(g) > num_rows
@@ -88,7 +88,7 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, bm: int, k_steps: int) 
     """
     experts = group_sizes.shape[0]
     num_tiles = -(-num_rows // bm) + experts
-    starts, sizes = _group_bounds(group_sizes, num_rows)
+    starts, sizes = group_bounds(group_sizes, num_rows)
     tiles_per_group = (sizes + bm - 1) // bm
     tile_ends = jnp.cumsum(tiles_per_group)
     real_tiles = tile_ends[-1]
@@ -262,7 +262,7 @@ def _grouped_wgrad(a: jax.Array, b: jax.Array, group_sizes: jax.Array, plan: _Pl
     p_size, q_size = a.shape[1], b.shape[1]
     bm, bp, bq = plan.tile
     experts = group_sizes.shape[0]
-    starts, sizes = _group_bounds(group_sizes, a.shape[0])
+    starts, sizes = group_bounds(group_sizes, a.shape[0])
     kernel = functools.partial(_wgrad_kernel, plan=plan, p_size=p_size, q_size=q_size,
                                compute_dtype=_compute_dtype(a.dtype, b.dtype))
     return pl.pallas_call(
@@ -291,7 +291,7 @@ def _grouped_bwd(plan: _Plan, residuals, dout):
     dlhs = _grouped_product(dout, rhs, group_sizes, dgrad_plan)
     # wgrad dW[e] = X_eᵀ dY_e ([E, K, N]) or dY_eᵀ X_e ([E, N, K]).
     a, b = (lhs, dout) if plan.contract == 1 else (dout, lhs)
-    wgrad_tile, wgrad_warps, wgrad_stages = plan.wgrad or (plan.tile, plan.num_warps, plan.num_stages)
+    wgrad_tile, wgrad_warps, wgrad_stages = plan.wgrad
     wgrad_plan = plan._replace(tile=wgrad_tile, num_warps=wgrad_warps, num_stages=wgrad_stages)
     drhs = _grouped_wgrad(a, b, group_sizes, wgrad_plan, rhs.dtype)
     return dlhs, drhs, None
@@ -419,8 +419,10 @@ def grouped_wgrad(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         return jnp.zeros((group_sizes.shape[0], p_size, q_size), out_dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    plan = _Plan(1, tile, jnp.dtype(out_dtype), bool(interpret), DEFAULT_GROUP_M, num_warps, num_stages)
+    plan = _Plan(1, tile, jnp.dtype(out_dtype), bool(interpret), DEFAULT_GROUP_M, num_warps, num_stages,
+                 None)
     return _grouped_wgrad(lhs, rhs, group_sizes, plan, plan.out_dtype)
 
 
-__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "WGRAD_TILE", "grouped_matmul", "grouped_wgrad", "tile_schedule"]
+__all__ = ["DEFAULT_TILE", "RHS_LAYOUTS", "WGRAD_TILE", "group_bounds", "grouped_matmul", "grouped_wgrad",
+           "tile_schedule"]
