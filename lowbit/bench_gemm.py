@@ -246,6 +246,23 @@ def fwd_bwd_fn(recipe_name: str, backend: str) -> Callable:
     return step
 
 
+def fp8_gemm_operands(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
+    """x, w, w^T, dy, dy^T, x^T per-tensor quantized (E4M3; dy E5M2), each with its contraction dim last."""
+    def e5m2(a):
+        scale = jnp.maximum(jnp.max(jnp.abs(a)).astype(jnp.float32), 1e-30) / 57344.0
+        return (a.astype(jnp.float32) / scale).astype(jnp.float8_e5m2)
+    x8, w8, dy8 = per_tensor_e4m3(x)[0], per_tensor_e4m3(w)[0], e5m2(dy)
+    return tuple(jax.block_until_ready(a) for a in (x8, w8, w8.T.copy(), dy8, dy8.T.copy(), x8.T.copy()))
+
+
+def fp8_gemms_only(x8, w8, wt8, dy8, dyt8, xt8) -> tuple[jax.Array, ...]:
+    """fprop x·wᵀ, dgrad dy·w, wgrad dyᵀ·x as three TN FP8 GEMMs (bf16 out): lowbit's fp8 recipe minus
+    its quantization, amax and transpose passes."""
+    def gemm(a, b):
+        return lax.dot_general(a, b, TN, preferred_element_type=BF16)
+    return gemm(x8, w8), gemm(dy8, wt8), gemm(dyt8, xt8)
+
+
 def scaled_dot_general_fn(mode: str) -> Callable:
     config = jax.nn.get_scaled_dot_general_config(mode)
     return lambda x, w: jax.nn.scaled_dot_general(x, w, TN, preferred_element_type=BF16,
@@ -278,6 +295,12 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
                 if recipe_name == "bf16":
                     baseline = row
                 set_ratio(row, baseline)
+        if "fp8" in refs:  # the fp8 recipe's floor: its 3 GEMMs on operands quantized and laid out beforehand
+            row = {"shape": shape, "variant": "ref fp8 3 GEMMs, operands pre-quantized (no quantize)",
+                   "backend": "-", "pass": "fwd+bwd"}
+            runner.run(row, measure, fp8_gemms_only, [fp8_gemm_operands(*a[:3]) for a in step_args],
+                       6.0 * m * k * n, args.iters)
+            set_ratio(row, baseline)
         # Forward-only reference rows, as a ratio to BF16 forward.
         fwd_base = None
         quantized = [(per_tensor_e4m3(x)[0], per_tensor_e4m3(w)[0]) for x, w in zip(xs, ws, strict=True)]

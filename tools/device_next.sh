@@ -12,6 +12,18 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  profile)  # fifth session: FP8 accumulation speed + accuracy, fp8 quantize share, moe-1.8b step by kernel kind
+    for acc in "" 128 1073741824; do
+      run timeout 70 python3 tools/grouped_tiles.py --kernels fp8-fprop --tiles 128:128:256:8:3,128:128:128:8:3 \
+        --accuracy ${acc:+--fp8-imprecise-acc $acc} --json "$out/fp8acc_${acc:-default}.json"
+    done
+    run timeout 100 python3 -m lowbit.bench gemm --recipes fp8 --shapes 1 --refs bf16,fp8 \
+      --json "$out/gemm_fp8_floor.json"
+    for recipe in bf16 fp8; do
+      run timeout 130 python3 tools/step_gap.py --config moe-1.8b --recipe $recipe --steps 3 --train-steps 0 \
+        --trace /tmp/tr_$recipe --top 25
+    done
+    ;;
   fp8acc)
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --json "$out/fp8acc_default.json"
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 \
@@ -31,5 +43,5 @@ case "$1" in
     run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8 --override moe_impl=pallas \
       --time-budget-s 150 --json "$out/step_moe18b_mxfp8_pallas.json"
     ;;
-  *) echo "usage: $0 fp8acc|step" >&2; exit 2 ;;
+  *) echo "usage: $0 profile|fp8acc|step" >&2; exit 2 ;;
 esac

@@ -6,8 +6,10 @@ wgrad dW[e] = X_eᵀ·dY_e (grouped_wgrad). Each may want its own tile; this tim
 per kernel against a dense GEMM with the same useful FLOPs, Zipf routing as `bench grouped`.
 --fp8-imprecise-acc N sets Triton's maxNumImpreciseAcc = N on the FP8 dots (lowbit.kernels.triton_fp8_acc:
 N <= bk promotes the FP8 partial sums to f32 every N K elements, N > bk never; default: every WGMMA).
+--accuracy also reports each FP8 fprop tile's error against the same FP8 values multiplied in f32 at
+HIGHEST precision (products exact, f32 sums: relative error ~1e-6), next to XLA's cuBLAS FP8 GEMM's error.
 Usage: python tools/grouped_tiles.py --configs e8k2,e64k8 --json /tmp/tiles.json
-       python tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128
+       python tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 --accuracy
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lowbit.bench_gemm import GROUPED_CONFIGS, GROUPED_TOKENS, measure, per_tensor_e4m3, zipf_group_sizes
@@ -41,6 +44,24 @@ def parse(tile: str) -> tuple[tuple[int, int, int], int, int]:
     return (bm, bk, bn), warps, stages
 
 
+def fp8_errors(out: jax.Array, x8: jax.Array, w8: jax.Array, sizes: np.ndarray) -> dict[str, float]:
+    """Relative errors of a grouped FP8 product out [M, N] (w8 [E, N, K]): rms and max |out - ref| over
+    rms / max |ref|, where ref = each group's rows times its expert in f32 at HIGHEST precision."""
+    ends = np.cumsum(sizes)
+    sq_err = sq_ref = max_err = max_ref = 0.0
+    for e, (start, end) in enumerate(zip(ends - sizes, ends, strict=True)):
+        if end <= start:
+            continue
+        ref = lax.dot_general(x8[start:end].astype(jnp.float32), w8[e].astype(jnp.float32), TN,
+                              precision=lax.Precision.HIGHEST)
+        diff = out[start:end].astype(jnp.float32) - ref
+        sq_err += float(jnp.sum(diff * diff))
+        sq_ref += float(jnp.sum(ref * ref))
+        max_err = max(max_err, float(jnp.max(jnp.abs(diff))))
+        max_ref = max(max_ref, float(jnp.max(jnp.abs(ref))))
+    return {"rel_rms_err": math.sqrt(sq_err / sq_ref), "rel_max_err": max_err / max_ref}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="e8k2,e64k8")
@@ -50,6 +71,8 @@ def main() -> None:
     p.add_argument("--json", default="/tmp/grouped_tiles.json")
     p.add_argument("--fp8-imprecise-acc", type=int, default=None, metavar="N",
                    help="Triton maxNumImpreciseAcc on FP8 dots (128: promote every 128 K; 1073741824: never)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="FP8 fprop: each tile's and XLA FP8's relative error vs an f32 HIGHEST reference")
     args = p.parse_args()
     if args.fp8_imprecise_acc is not None:
         triton_fp8_acc.set_fp8_max_imprecise_acc(args.fp8_imprecise_acc)  # before anything is lowered
@@ -75,6 +98,13 @@ def main() -> None:
         x8, w8 = per_tensor_e4m3(x)[0], per_tensor_e4m3(jnp.swapaxes(w, 1, 2))[0]
         dense["fp8-fprop"] = (lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=BF16),
                               (x8, w8[0]))
+        if args.accuracy and "fp8-fprop" in args.kernels.split(","):
+            dense_out = jax.jit(lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=jnp.float32))(
+                x8, w8[0])  # XLA's FP8 GEMM (cuBLASLt on a GPU), all rows times expert 0
+            err = fp8_errors(dense_out, x8, w8[:1], np.array([x8.shape[0]]))
+            rows.append({"config": config, "kernel": "fp8-fprop", "tile": "dense XLA FP8 dot", **err})
+            print(f"{config} fp8-fprop dense XLA FP8 dot: rel rms err {err['rel_rms_err']:.3e}, "
+                  f"rel max err {err['rel_max_err']:.3e}", flush=True)
         for kernel in args.kernels.split(","):
             fn, dense_args = dense[kernel]
             base = measure(fn, [dense_args], flops, args.iters)
@@ -99,6 +129,12 @@ def main() -> None:
                     row.update(ms=r["ms"], tflops=r["tflops"], ratio=base["ms"] / r["ms"])
                     print(f"{config} {kernel:9s} {tile:16s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s "
                           f"{row['ratio']:.3f}x dense", flush=True)
+                    if args.accuracy and kernel == "fp8-fprop":
+                        out = jax.jit(lambda a, b, s, o=dict(enk, preferred_element_type=jnp.float32):
+                                      grouped_matmul(a, b, s, **o))(*a)
+                        row.update(fp8_errors(out, x8, w8, np.asarray(sizes)))
+                        print(f"{config} {kernel:9s} {tile:16s} rel rms err {row['rel_rms_err']:.3e}, "
+                              f"rel max err {row['rel_max_err']:.3e}", flush=True)
                 except Exception as error:  # shared-memory overflow etc.: record and go on
                     row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
                     print(f"{config} {kernel:9s} {tile:16s} failed {row['error']}", flush=True)

@@ -13,6 +13,7 @@ the differences between the two, one at a time (medians over --steps steps, sync
 With --trace DIR it also records a jax.profiler trace of a few real-stream steps and prints the
 kernels that take the most device time. Usage:
   python tools/step_gap.py --config small --recipe bf16 --steps 20 --train-steps 150 --trace /tmp/tr
+--config also takes `bench step`'s configs (moe-1.8b); the trace summary sums GPU kernels by category.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from flax import nnx
 
 import lowbit
 from lowbit import train
-from lowbit.bench_step import step_batch
+from lowbit.bench_step import STEP_CONFIGS, load_step_config, step_batch
 from lowbit.config import load_config
 from lowbit.data import make_train_iter
 
@@ -66,9 +68,30 @@ def top_events(trace_dir: Path, top: int = 15) -> dict[str, list[tuple[str, floa
             count[key] += 1
     out: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
     for (proc, name) in sorted(total, key=total.get, reverse=True):
-        if len(out[proc]) < top:
+        if len(out[proc]) < top or (top < 0 and "GPU" in proc):  # top < 0: every GPU kernel
             out[proc].append((name, total[proc, name], count[proc, name]))
     return dict(out)
+
+
+# GPU kernel name patterns (checked in order) -> category: what share of a step each kind of work takes.
+KERNEL_CATEGORIES = (
+    ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+    ("gemm (cuBLAS / XLA Triton GEMM)", re.compile(r"nvjet|xmma|cutlass|gemm|cublas|\bdot", re.I)),
+    ("lowbit Pallas kernels", re.compile(r"^lowbit_|quantize", re.I)),
+    ("scatter / sort / gather", re.compile(r"scatter|sort|cub::|gather", re.I)),
+    ("transpose / copy", re.compile(r"transpose|copy|memcpy|memset", re.I)),
+    ("reduction fusions", re.compile(r"reduce", re.I)),
+    ("other XLA fusions", re.compile(r"fusion|loop_|input_", re.I)),
+)
+
+
+def kernel_categories(events: list[tuple[str, float, int]]) -> list[tuple[str, float]]:
+    """(category, total ms) over GPU kernel events, largest first; unmatched names go to 'other'."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    for name, ms, _ in events:
+        category = next((c for c, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+        totals[category] += ms
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def main() -> None:
@@ -82,7 +105,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    config = load_config(args.config, args.overrides)
+    config = (load_step_config(args.config, args.overrides) if args.config in STEP_CONFIGS
+              else load_config(args.config, args.overrides))
     tc = config.train
     recipe = train.with_backend(lowbit.get_recipe(args.recipe), tc.backend)
     mesh = train.make_mesh(tc)
@@ -109,10 +133,11 @@ def main() -> None:
     rows = [("rand-fixed", timed(fixed_rand, args.steps)), ("real-fixed", timed(fixed_real, args.steps)),
             ("real-stream", timed(stream, args.steps)),
             ("real-async", timed(stream, args.steps, sync_each=False))]
-    t0 = time.perf_counter()
-    timed(stream, args.train_steps, sync_each=False)
-    train_ms = 1e3 * (time.perf_counter() - t0) / args.train_steps
-    rows.append((f"(train {args.train_steps} steps, async)", train_ms))
+    if args.train_steps > 0:
+        t0 = time.perf_counter()
+        timed(stream, args.train_steps, sync_each=False)
+        train_ms = 1e3 * (time.perf_counter() - t0) / args.train_steps
+        rows.append((f"(train {args.train_steps} steps, async)", train_ms))
     rows += [("rand-fixed, trained", timed(fixed_rand, args.steps)),
              ("real-fixed, trained", timed(fixed_real, args.steps)),
              ("real-stream, trained", timed(stream, args.steps))]
@@ -131,6 +156,11 @@ def main() -> None:
             print(f"-- {proc} (listed events: {sum(ms for _, ms, _ in events) / 5:.2f} ms/step)")
             for name, ms, n in events:
                 print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
+        for proc, events in top_events(trace_dir, -1).items():
+            if "GPU" in proc:
+                print(f"-- {proc}: every kernel by category (ms/step)")
+                for category, ms in kernel_categories(events):
+                    print(f"{ms / 5:9.2f}  {category}")
 
 
 if __name__ == "__main__":
