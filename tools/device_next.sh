@@ -24,6 +24,17 @@ case "$1" in
         --trace /tmp/tr_$recipe --top 25
     done
     ;;
+  profile2)  # FP8 accumulation (fixed accuracy check), fp8 step kernels with their HLO source, cuDNN attention
+    for acc in "" 128 1073741824; do
+      run timeout 60 python3 tools/grouped_tiles.py --kernels fp8-fprop --tiles 128:128:256:8:3,128:128:128:8:3 \
+        --accuracy ${acc:+--fp8-imprecise-acc $acc} --json "$out/fp8acc_${acc:-default}.json"
+    done
+    XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+      run timeout 150 python3 tools/step_gap.py --config moe-1.8b --recipe fp8 --steps 3 --train-steps 0 \
+      --trace /tmp/tr_fp8 --top 45 --hlo-dir /tmp/dump --kernels-tsv "$out/kernels_moe18b_fp8.tsv"
+    run timeout 200 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8 \
+      --override attention_impl=cudnn --time-budget-s 190 --json "$out/step_moe18b_cudnn.json"
+    ;;
   fp8acc)
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --json "$out/fp8acc_default.json"
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 \
@@ -43,5 +54,5 @@ case "$1" in
     run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8 --override moe_impl=pallas \
       --time-budget-s 150 --json "$out/step_moe18b_mxfp8_pallas.json"
     ;;
-  *) echo "usage: $0 profile|fp8acc|step" >&2; exit 2 ;;
+  *) echo "usage: $0 profile|profile2|fp8acc|step" >&2; exit 2 ;;
 esac

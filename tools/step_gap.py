@@ -85,6 +85,38 @@ KERNEL_CATEGORIES = (
 )
 
 
+def hlo_sources(dump_dir: Path) -> dict[str, str]:
+    """Kernel name -> 'fusion kind / opcode, shape | op_name' of the HLO instruction that launched it, read
+    from XLA's optimized-HLO dump of the step (XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text). Kernel
+    names are instruction names with '.' as '_'; a fusion without op_name takes its fused computation's."""
+    files = sorted(dump_dir.glob("*jit_step*after_optimizations.txt"), key=lambda f: f.stat().st_size)
+    if not files:
+        return {}
+    line_re = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w-]*)\(")
+    comp_re = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+    rows, comp_names, comp = [], collections.defaultdict(list), ""
+    for line in files[-1].read_text().splitlines():
+        if (c := comp_re.match(line)) and " = " not in line:
+            comp = c.group(1)
+            continue
+        if not (m := line_re.match(line)):
+            continue
+        name, shape, opcode = m.groups()
+        source = re.search(r'op_name="([^"]*)"', line)
+        if source:
+            comp_names[comp].append(source.group(1))
+        kind = re.search(r"kind=(k\w+)|custom_call_target=\"([^\"]+)\"", line)
+        calls = re.search(r"calls=%?([\w.\-]+)", line)
+        rows.append((name, shape, (kind.group(1) or kind.group(2)) if kind else opcode,
+                     source.group(1) if source else "", calls.group(1) if calls else ""))
+    out = {}
+    for name, shape, what, where, calls in rows:
+        if not where and comp_names.get(calls):
+            where = collections.Counter(comp_names[calls]).most_common(1)[0][0]
+        out[name.replace(".", "_").replace("-", "_")] = f"{what} {shape[:40]} | {where}"
+    return out
+
+
 def kernel_categories(events: list[tuple[str, float, int]]) -> list[tuple[str, float]]:
     """(category, total ms) over GPU kernel events, largest first; unmatched names go to 'other'."""
     totals: dict[str, float] = collections.defaultdict(float)
@@ -102,6 +134,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--trace", default="")
     p.add_argument("--top", type=int, default=15, help="events listed per traced process")
+    p.add_argument("--hlo-dir", default="", help="XLA's --xla_dump_to dir: each top kernel's source")
+    p.add_argument("--kernels-tsv", default="", help="write every GPU kernel (ms/step, count, source) here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -156,11 +190,22 @@ def main() -> None:
             print(f"-- {proc} (listed events: {sum(ms for _, ms, _ in events) / 5:.2f} ms/step)")
             for name, ms, n in events:
                 print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
+        sources = hlo_sources(Path(args.hlo_dir)) if args.hlo_dir else {}
         for proc, events in top_events(trace_dir, -1).items():
-            if "GPU" in proc:
-                print(f"-- {proc}: every kernel by category (ms/step)")
-                for category, ms in kernel_categories(events):
-                    print(f"{ms / 5:9.2f}  {category}")
+            if "GPU" not in proc:
+                continue
+            if sources:
+                print(f"-- {proc}: top kernels' HLO source")
+                for name, ms, n in events[:max(args.top, 0)]:
+                    print(f"{ms / 5:9.2f} x{n / 5:<5.1f} {name[:28]:28s} {sources.get(name, '?')[-150:]}")
+            if args.kernels_tsv:
+                with open(args.kernels_tsv, "w") as f:
+                    f.write("ms_per_step\tcount_per_step\tkernel\tsource\n")
+                    for name, ms, n in events:
+                        f.write(f"{ms / 5:.4f}\t{n / 5:.1f}\t{name}\t{sources.get(name, '')}\n")
+            print(f"-- {proc}: every kernel by category (ms/step)")
+            for category, ms in kernel_categories(events):
+                print(f"{ms / 5:9.2f}  {category}")
 
 
 if __name__ == "__main__":
