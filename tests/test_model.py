@@ -29,6 +29,7 @@ from lowbit.model import (
     num_params,
     router_z_loss,
 )
+from lowbit.model.attention import resolve_attention_impl
 from lowbit.model.decoder import embed_tokens
 from lowbit.model.moe import capacity_dispatch, route
 
@@ -222,6 +223,35 @@ def test_attention_matches_numpy_reference():
     weights = [np64(getattr(attention, n).kernel[...]) for n in ("query", "key", "value", "out")]
     want = np_attention(np64(x), *weights, 4, 2, 8, cfg.rope_theta)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "impl, dtype, head_dim, platform, want",
+    [
+        ("auto", jnp.bfloat16, 128, "gpu", "cudnn"),
+        ("auto", jnp.float16, 64, "cuda", "cudnn"),
+        ("auto", jnp.float32, 64, "gpu", "xla"),  # cuDNN flash attention takes bf16/fp16 only
+        ("auto", jnp.bfloat16, 256, "gpu", "xla"),  # wider than cuDNN's 128 on Hopper
+        ("auto", jnp.bfloat16, 60, "gpu", "xla"),  # not a multiple of 8
+        ("auto", jnp.bfloat16, 64, "cpu", "xla"),
+        (None, jnp.bfloat16, 64, "gpu", None),  # explicit values pass through
+        ("cudnn", jnp.float32, 64, "cpu", "cudnn"),
+    ],
+)
+def test_resolve_attention_impl(impl, dtype, head_dim, platform, want):
+    assert resolve_attention_impl(impl, dtype, head_dim, platform) == want
+
+
+def test_auto_attention_on_cpu_is_xla_bit_for_bit():
+    cfg = tiny(num_query_heads=4, num_kv_heads=2, head_dim=8, emb_dim=32)
+    assert cfg.attention_impl == "auto"  # the default
+    auto = Attention(cfg, rngs=nnx.Rngs(3))
+    xla = Attention(dataclasses.replace(cfg, attention_impl="xla"), rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (2, 12, cfg.emb_dim), jnp.bfloat16)
+    if jax.default_backend() != "cpu":
+        pytest.skip("auto is cuDNN on a GPU: this checks the CPU fallback")
+    np.testing.assert_array_equal(np.asarray(auto(x, jnp.arange(12)), np.float32),
+                                  np.asarray(xla(x, jnp.arange(12)), np.float32))
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

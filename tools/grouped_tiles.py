@@ -4,12 +4,13 @@ The MoE layer's fwd+bwd runs three grouped GEMMs: fprop Y = X·W[g] (grouped_mat
 dgrad dX = dY·W[g]ᵀ (grouped_matmul with rhs_layout="enk": W [E, K, N] read as [E, N_out, K_in]) and
 wgrad dW[e] = X_eᵀ·dY_e (grouped_wgrad). Each may want its own tile; this times every candidate tile
 per kernel against a dense GEMM with the same useful FLOPs, Zipf routing as `bench grouped`.
---fp8-imprecise-acc N sets Triton's maxNumImpreciseAcc = N on the FP8 dots (lowbit.kernels.triton_fp8_acc:
-N <= bk promotes the FP8 partial sums to f32 every N K elements, N > bk never; default: every WGMMA).
+--fp8-imprecise-acc none,128,1073741824 times the FP8 kernels at each Triton maxNumImpreciseAcc in one process
+(lowbit.kernels.triton_fp8_acc: N <= bk promotes the FP8 partial sums to f32 every N K elements, N > bk never;
+none = jax's default, every WGMMA).
 --accuracy also reports each FP8 fprop tile's error against the same FP8 values multiplied in f32 at
 HIGHEST precision (products exact, f32 sums: relative error ~1e-6), next to XLA's cuBLAS FP8 GEMM's error.
 Usage: python tools/grouped_tiles.py --configs e8k2,e64k8 --json /tmp/tiles.json
-       python tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 --accuracy
+       python tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc none,128 --accuracy
 """
 from __future__ import annotations
 
@@ -73,15 +74,16 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--tiles", default="", help="bm:bk:bn:warps:stages,... instead of the built-in lists")
     p.add_argument("--json", default="/tmp/grouped_tiles.json")
-    p.add_argument("--fp8-imprecise-acc", type=int, default=None, metavar="N",
-                   help="Triton maxNumImpreciseAcc on FP8 dots (128: promote every 128 K; 1073741824: never)")
+    p.add_argument("--fp8-imprecise-acc", default="", metavar="N,...",
+                   help="Triton maxNumImpreciseAcc values for the FP8 dots, each timed (none: jax's default; "
+                        "128: promote every 128 K; 1073741824: never)")
     p.add_argument("--accuracy", action="store_true",
                    help="FP8 fprop: each tile's and XLA FP8's relative error vs an f32 HIGHEST reference")
     args = p.parse_args()
-    if args.fp8_imprecise_acc is not None:
-        triton_fp8_acc.set_fp8_max_imprecise_acc(args.fp8_imprecise_acc)  # before anything is lowered
-    fp8_acc = triton_fp8_acc.get_fp8_max_imprecise_acc()  # the flag, else $LOWBIT_FP8_MAX_IMPRECISE_ACC
-    print(f"fp8 maxNumImpreciseAcc: {'jax default (0)' if fp8_acc is None else fp8_acc}", flush=True)
+    # the flag's values, else the one from $LOWBIT_FP8_MAX_IMPRECISE_ACC (None: jax's default)
+    fp8_accs = ([None if v.strip() == "none" else int(v) for v in args.fp8_imprecise_acc.split(",")]
+                if args.fp8_imprecise_acc else [triton_fp8_acc.get_fp8_max_imprecise_acc()])
+    unpatched = []  # settings != None under which no FP8 tt.dot was given the attribute
     rows = []
     tokens = GROUPED_TOKENS["full"]
     for config in args.configs.split(","):
@@ -115,7 +117,12 @@ def main() -> None:
             base = measure(fn, [dense_args], flops, args.iters)
             print(f"{config} {kernel:9s} dense {base['ms']:8.3f} ms {base['tflops']:7.1f} TF/s", flush=True)
             family = "fp8" if kernel.startswith("fp8") else "wgrad" if kernel == "wgrad" else "bf16"
-            for tile in args.tiles.split(",") if args.tiles else TILES[family]:
+            accs = fp8_accs if kernel.startswith("fp8") else [None]
+            for tile, fp8_acc in ((t, a) for t in (args.tiles.split(",") if args.tiles else TILES[family])
+                                  for a in accs):
+                if kernel.startswith("fp8"):
+                    triton_fp8_acc.set_fp8_max_imprecise_acc(fp8_acc)  # clears jax's caches when it changes
+                patched_before = triton_fp8_acc.patched_dot_count()
                 t, warps, stages = parse(tile)
                 opts = dict(tile=t, num_warps=warps, num_stages=stages, preferred_element_type=BF16)
                 enk = dict(opts, rhs_layout="enk")
@@ -132,8 +139,8 @@ def main() -> None:
                 try:
                     r = measure(f, [a], flops, args.iters)
                     row.update(ms=r["ms"], tflops=r["tflops"], ratio=base["ms"] / r["ms"])
-                    print(f"{config} {kernel:9s} {tile:16s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s "
-                          f"{row['ratio']:.3f}x dense", flush=True)
+                    print(f"{config} {kernel:9s} {tile:16s} acc {fp8_acc} {r['ms']:8.3f} ms "
+                          f"{r['tflops']:7.1f} TF/s {row['ratio']:.3f}x dense", flush=True)
                     if args.accuracy and kernel == "fp8-fprop":
                         out = jax.jit(lambda a, b, s, o=dict(enk, preferred_element_type=jnp.float32):
                                       grouped_matmul(a, b, s, **o))(*a)
@@ -143,23 +150,25 @@ def main() -> None:
                 except Exception as error:  # shared-memory overflow etc.: record and go on
                     row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
                     print(f"{config} {kernel:9s} {tile:16s} failed {row['error']}", flush=True)
+                row["fp8_dots_patched"] = triton_fp8_acc.patched_dot_count() - patched_before
+                if fp8_acc is not None and "ms" in row and not row["fp8_dots_patched"]:
+                    unpatched.append(f"{config} {tile} acc {fp8_acc}")
                 rows.append(row)
     best = {}
     for row in rows:
-        key = (row["config"], row["kernel"])
+        key = (row["config"], row["kernel"], row.get("fp8_max_imprecise_acc"))
         if row.get("ratio") and row["ratio"] > best.get(key, {}).get("ratio", 0):
             best[key] = row
     print("\nbest tile per kernel:")
-    for (config, kernel), row in sorted(best.items()):
-        print(f"  {config} {kernel:9s} {row['tile']:16s} {row['ratio']:.3f}x dense ({row['ms']:.3f} ms)")
-    patched = triton_fp8_acc.patched_dot_count()
-    print(f"FP8 tt.dot ops given maxNumImpreciseAcc: {patched}")
+    for (config, kernel, acc), row in sorted(best.items(), key=str):
+        print(f"  {config} {kernel:9s} {row['tile']:16s} {'' if acc is None else f'acc {acc} '}"
+              f"{row['ratio']:.3f}x dense ({row['ms']:.3f} ms)")
     with open(args.json, "w") as f:
-        json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "fp8_max_imprecise_acc": fp8_acc,
-                   "fp8_dots_patched": patched, "rows": rows}, f, indent=1)
-    if fp8_acc is not None and any(k.startswith("fp8") for k in args.kernels.split(",")) and not patched:
-        raise SystemExit("maxNumImpreciseAcc was set but no FP8 Triton dot was lowered with it: the shim did "
-                         "not run, so these timings are jax's default")
+        json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "fp8_max_imprecise_acc": fp8_accs,
+                   "rows": rows}, f, indent=1)
+    if unpatched:
+        raise SystemExit(f"maxNumImpreciseAcc was set but no FP8 Triton dot was lowered with it "
+                         f"({unpatched}): the shim did not run, so those timings are jax's default")
 
 
 if __name__ == "__main__":

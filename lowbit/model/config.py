@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 MOE_IMPLS = ("dropless", "capacity", "pallas")  # pallas: dropless through lowbit.kernels.grouped_pallas
 REMAT_POLICIES = ("none", "full", "minimal", "dots_saveable", "save_qkv_proj", "save_dot_except_mlp")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", None, "xla", "cudnn")
 DTYPES = ("bfloat16", "float32", "float16")
 
 
@@ -42,7 +42,8 @@ class ModelConfig:
     num_kv_heads: int = 2
     head_dim: int = 16
     rope_theta: float = 10_000.0
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    # jax.nn.dot_product_attention implementation; auto: cuDNN flash attention on a GPU where it applies
+    attention_impl: str | None = "auto"
     # depth
     num_decoder_layers: int = 2
     first_num_dense_layers: int = 0
