@@ -35,6 +35,14 @@ case "$1" in
     run timeout 200 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8 \
       --override attention_impl=cudnn --time-budget-s 190 --json "$out/step_moe18b_cudnn.json"
     ;;
+  final5)  # FP8 accumulation speed + accuracy (one process), small step with attention auto, grouped fp8 at 2^30
+    run timeout 200 python3 tools/grouped_tiles.py --configs e8k2,e64k8 --kernels fp8-fprop --tiles 128:128:256:8:3 \
+      --accuracy --fp8-imprecise-acc none,128,1073741824 --json "$out/fp8acc.json"
+    run timeout 170 python3 -m lowbit.bench step --configs small --recipes bf16,fp8 --time-budget-s 160 \
+      --json "$out/step_small_auto_attention.json"
+    LOWBIT_FP8_MAX_IMPRECISE_ACC=1073741824 run timeout 120 python3 -m lowbit.bench grouped --configs e8k2,e64k8 \
+      --variants dense,pallas --dtypes fp8 --pallas-tiles 128:128:256:8:3 --json "$out/grouped_fp8_acc2p30.json"
+    ;;
   fp8acc)
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --json "$out/fp8acc_default.json"
     run timeout 100 python3 tools/grouped_tiles.py --kernels fp8-fprop --fp8-imprecise-acc 128 \
@@ -54,5 +62,5 @@ case "$1" in
     run timeout 160 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8 --override moe_impl=pallas \
       --time-budget-s 150 --json "$out/step_moe18b_mxfp8_pallas.json"
     ;;
-  *) echo "usage: $0 profile|profile2|fp8acc|step" >&2; exit 2 ;;
+  *) echo "usage: $0 profile|profile2|final5|fp8acc|step" >&2; exit 2 ;;
 esac
