@@ -147,6 +147,38 @@ def test_env_var_sets_the_starting_value_at_first_use(monkeypatch):
     assert triton_fp8_acc.get_fp8_max_imprecise_acc() == 128
 
 
+def test_unset_env_var_gives_the_builtin_default_and_none_gives_jaxs(monkeypatch):
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)  # a fresh process with the variable unset
+    jax.clear_caches()
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", triton_fp8_acc.DEFAULT)]
+    assert triton_fp8_acc.DEFAULT == 128
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "none")
+    triton_fp8_acc.ensure_env_setting()
+    jax.clear_caches()
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() is None
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]
+
+
+def test_builtin_default_on_an_unknown_jax_layout_warns_and_keeps_jaxs_default(monkeypatch):
+    from jax._src.pallas.triton import lowering
+
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    monkeypatch.setattr(lowering, "triton_lowering_rules", {})
+    with pytest.warns(UserWarning, match=f"jax {jax.__version__}"):
+        assert triton_fp8_acc.get_fp8_max_imprecise_acc() is None
+
+
+def test_builtin_default_warns_where_an_explicit_value_raises(monkeypatch):
+    """A rule that no longer hands FP8 operands to tt.dot: the default warns, an explicit 128 raises."""
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    jax.clear_caches()
+    triton_fp8_acc.ensure_env_setting()  # the default, 128
+    monkeypatch.setattr(triton_fp8_acc, "_is_fp8_type", lambda element_type: False)  # as if cast
+    with pytest.warns(UserWarning, match="no FP8 tt.dot"):
+        assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]
+
+
 def test_bad_env_var_raises_naming_it(monkeypatch):
     monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
     monkeypatch.setenv(triton_fp8_acc.ENV_VAR, "fast")

@@ -22,7 +22,7 @@ rhs's other dim (no transpose copy); wgrad dW[e] = X_eᵀ · dY_e is a second Pa
 (expert, K block, N block) that loops over the expert's rows in bm steps (float32 accumulation).
 
 Runs compiled through the Triton backend on a GPU and in Pallas interpret mode elsewhere. FP8 dots keep
-jax's accumulation (f32 promotion after every WGMMA) unless lowbit.kernels.triton_fp8_acc opts in.
+f32 promotion every 128 K (lowbit.kernels.triton_fp8_acc; jax's own default: after every WGMMA).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _compiler_params(plan: _Plan):
 
     from lowbit.kernels import triton_fp8_acc
 
-    triton_fp8_acc.ensure_env_setting()  # opt-in $LOWBIT_FP8_MAX_IMPRECISE_ACC; acts when the jit lowers
+    triton_fp8_acc.ensure_env_setting()  # $LOWBIT_FP8_MAX_IMPRECISE_ACC or 128; acts when the jit lowers
 
     return plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
 
