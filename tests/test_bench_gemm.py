@@ -103,9 +103,29 @@ def test_gemm_tiny_rows(tmp_path):
         row = by_variant[key]
         assert row["status"] == "ok" and row["ms"] > 0 and row["tflops"] > 0
     assert by_variant[("bf16", "-")]["ratio"] == 1.0
+    floor = by_variant[("ref fp8 3 GEMMs, operands pre-quantized (no quantize)", "-")]
+    assert floor["status"] == "ok" and floor["ms"] > 0 and floor["pass"] == "fwd+bwd"
     # scaled_dot_general has no CPU lowering: the failure is a recorded row, not the end of the run
     failed = by_variant[("ref jax.nn.scaled_dot_general mxfp8 fwd", "-")]
     assert failed["status"] == "error" and failed["error"]
+
+
+def test_fp8_floor_row_computes_the_recipes_three_products():
+    """fp8_gemms_only = the fp8 recipe's fprop x.w^T [M,N], dgrad dy.w [M,K], wgrad dy^T.x [N,K] on the
+    quantized values (float64 reference of the same FP8 values; bf16 output: 2^-8 relative)."""
+    m, k, n = 48, 32, 40
+    keys = jax.random.split(jax.random.key(0), 3)
+    shapes = [(m, k), (n, k), (m, n)]
+    x, w, dy = (jax.random.normal(kk, shape, jnp.bfloat16) for kk, shape in zip(keys, shapes, strict=True))
+    x8, w8, wt8, dy8, dyt8, xt8 = bench_gemm.fp8_gemm_operands(x, w, dy)
+    assert (x8.dtype, dy8.dtype) == (jnp.float8_e4m3fn, jnp.float8_e5m2)
+    np.testing.assert_array_equal(np.asarray(wt8, np.float32), np.asarray(w8, np.float32).T)
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x8, w8, dy8))
+    for got, want in zip(bench_gemm.fp8_gemms_only(x8, w8, wt8, dy8, dyt8, xt8),
+                         [x64 @ w64.T, dy64 @ w64, dy64.T @ x64], strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8,
+                                   atol=2**-8 * np.abs(want).max())
 
 
 def test_gemm_time_budget_skips(tmp_path):
