@@ -32,7 +32,9 @@ STEP_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 STEP_TOKENS = ("random", "data")
 # name: (shipped config, key=value overrides). moe-1.8b: 1.85B parameters (0.64B active), 8 layers,
 # emb 2048, 8 experts top-2 of width 4096, vocab 32768, T=2048, batch 8: f32 weights + AdamW + grads
-# take ~30 GB, so it fits one 80 GB H100 without remat.
+# take ~30 GB, so it fits one 80 GB H100 without remat (peak 42.5 GB with cuDNN attention, 55 GB with XLA's).
+# moe-2.8b: the same at emb 2560 (20 query / 4 kv heads of 128), experts 5120 wide: 2.81B parameters (0.92B
+# active), ~45 GB of weights + AdamW + grads; sized for the 80 GB H100 from those figures, not yet run.
 STEP_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiny": ("tiny", ("global_batch_size=8",)),
     "small": ("small", ("moe_impl=capacity", "global_batch_size=64")),
@@ -42,6 +44,8 @@ STEP_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
                            "num_experts=8", "num_experts_per_tok=2", "max_target_length=2048",
                            "global_batch_size=8", "moe_impl=capacity", "remat_policy=none")),
 }
+STEP_CONFIGS["moe-2.8b"] = ("small", (*STEP_CONFIGS["moe-1.8b"][1], "emb_dim=2560", "num_query_heads=20",
+                                      "num_kv_heads=4", "moe_mlp_dim=5120", "mlp_dim=10240"))
 
 
 # ----------------------------------------------------------------------------- step (one process)
