@@ -242,6 +242,42 @@ def test_resolve_attention_impl(impl, dtype, head_dim, platform, want):
     assert resolve_attention_impl(impl, dtype, head_dim, platform) == want
 
 
+@pytest.mark.parametrize(
+    "platform_version, compute_capability, want",
+    [
+        ("PJRT C API\ncuda 12080", "9.0", "cudnn"),
+        ("PJRT C API\ncuda 12080", "8.0", "cudnn"),
+        ("PJRT C API\ncuda 12080", "7.5", "xla"),  # Turing: cuDNN flash attention needs sm80+
+        ("PJRT C API\nrocm 60302", "gfx90a", "xla"),  # jax calls ROCm "gpu" too; it has no cuDNN
+    ],
+)
+def test_auto_attention_reads_the_gpu_vendor_and_compute_capability(
+        monkeypatch, platform_version, compute_capability, want):
+    from jax.extend import backend as jax_backend
+
+    class FakeBackend:
+        pass
+
+    class FakeDevice:
+        pass
+
+    fake_backend, fake_device = FakeBackend(), FakeDevice()
+    fake_backend.platform_version = platform_version
+    fake_device.compute_capability = compute_capability
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax_backend, "get_backend", lambda *a: fake_backend)
+    monkeypatch.setattr(jax, "devices", lambda *a: [fake_device])
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64) == want
+    assert resolve_attention_impl("auto", jnp.float32, 64) == "xla"
+
+
+def test_auto_attention_passes_rocm_and_old_gpus_to_xla():
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64, "rocm") == "xla"
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64, "tpu") == "xla"
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64, "cuda", (7, 0)) == "xla"
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64, "cuda", (10, 0)) == "cudnn"
+
+
 def test_auto_attention_on_cpu_is_xla_bit_for_bit():
     cfg = tiny(num_query_heads=4, num_kv_heads=2, head_dim=8, emb_dim=32)
     assert cfg.attention_impl == "auto"  # the default

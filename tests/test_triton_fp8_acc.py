@@ -7,6 +7,8 @@ its own MLIR context with the Triton dialect and reads every tt.dot's A element 
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -174,6 +176,36 @@ def test_builtin_default_warns_where_an_explicit_value_raises(monkeypatch):
     monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
     jax.clear_caches()
     triton_fp8_acc.ensure_env_setting()  # the default, 128
+    monkeypatch.setattr(triton_fp8_acc, "_is_fp8_type", lambda element_type: False)  # as if cast
+    with pytest.warns(UserWarning, match="no FP8 tt.dot"):
+        assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]
+
+
+def _two_launches(x, w, g):  # two FP8 Pallas launches (two shapes) in one jit: two tt.dot lowerings
+    return _forward(x, w, g), _forward(x[: ROWS // 2], w, g)
+
+
+def test_builtin_default_warns_once_then_reports_and_runs_jaxs_default(monkeypatch):
+    """The fallback the warning announces is real: one warning, not one per dot, and the getter says None."""
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    jax.clear_caches()
+    triton_fp8_acc.ensure_env_setting()  # the default, 128, soft
+    monkeypatch.setattr(triton_fp8_acc, "_is_fp8_type", lambda element_type: False)  # as if cast
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # no once-per-location filtering: count every warning issued
+        dots = _dots(_two_launches, *_fp8_args())
+    assert dots == [("f8E4M3FN", 0)] * 2
+    assert [str(w.message).count("no FP8 tt.dot") for w in caught] == [1]
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() is None
+
+
+def test_context_manager_keeps_the_builtin_default_soft(monkeypatch):
+    """Entering and leaving the context under the built-in default restores 128 *and* its warn-not-raise."""
+    monkeypatch.setattr(triton_fp8_acc, "_env_read", False)
+    jax.clear_caches()
+    with triton_fp8_acc.fp8_max_imprecise_acc(256):
+        assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 256)]
+    assert triton_fp8_acc.get_fp8_max_imprecise_acc() == triton_fp8_acc.DEFAULT
     monkeypatch.setattr(triton_fp8_acc, "_is_fp8_type", lambda element_type: False)  # as if cast
     with pytest.warns(UserWarning, match="no FP8 tt.dot"):
         assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]

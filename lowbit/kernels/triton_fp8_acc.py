@@ -50,7 +50,7 @@ def _layout_error(what: str) -> RuntimeError:
     return RuntimeError(
         f"lowbit.kernels.triton_fp8_acc cannot set maxNumImpreciseAcc on jax {jax.__version__}: {what}. "
         "The shim was written for jax 0.10.2 / 0.11 (jax._src.pallas.triton.lowering.triton_lowering_rules); "
-        f"update the shim for this jax, or unset {ENV_VAR} / call set_fp8_max_imprecise_acc(None).")
+        f"update the shim for this jax, or set {ENV_VAR}=none / call set_fp8_max_imprecise_acc(None).")
 
 
 def _triton_lowering() -> Any:
@@ -128,10 +128,14 @@ def _make_wrapper(original: Callable[..., Any], lowering: Any) -> Callable[..., 
 
 
 def _layout_problem(what: str) -> None:
-    """A value set explicitly raises; the built-in default warns (jax's default accumulation stays)."""
+    """A value set explicitly raises; the built-in default warns once and falls back to jax's default."""
+    global _setting
     if _strict:
         raise _layout_error(what)
     warnings.warn(f"{_layout_error(what)} Running with jax's default FP8 accumulation.", stacklevel=3)
+    # Off for the dots lowered after this one (no warning per dot; get_fp8_max_imprecise_acc() says None). No
+    # cache clearing mid-lowering: dots marked before this one were FP8 dots the shim did handle.
+    _setting = None
 
 
 def _install() -> None:
@@ -218,8 +222,8 @@ def set_fp8_max_imprecise_acc(n: int | None) -> None:
     global _env_read, _strict
     n = _check_value(n, "set_fp8_max_imprecise_acc(n)")
     _env_read = True  # an explicit call overrides $LOWBIT_FP8_MAX_IMPRECISE_ACC and DEFAULT
+    _apply(n)  # raises on an unknown jax layout before anything changes
     _strict = True
-    _apply(n)
 
 
 def get_fp8_max_imprecise_acc() -> int | None:
@@ -233,14 +237,18 @@ def get_fp8_max_imprecise_acc() -> int | None:
 def fp8_max_imprecise_acc(n: int | None) -> Iterator[None]:
     """Context manager form: the setting is n inside the block (lower the jit inside it), restored after.
 
-    Not thread-local: other threads lowering Pallas Triton FP8 dots meanwhile see n too.
+    Not thread-local: other threads lowering Pallas Triton FP8 dots meanwhile see n too. Restores the value
+    and its strictness (the built-in DEFAULT stays soft: a layout problem warns rather than raises).
     """
+    global _strict
     previous = get_fp8_max_imprecise_acc()
+    previous_strict = _strict
     set_fp8_max_imprecise_acc(n)
     try:
         yield
     finally:
         set_fp8_max_imprecise_acc(previous)
+        _strict = previous_strict
 
 
 def ensure_env_setting() -> None:

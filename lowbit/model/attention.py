@@ -3,8 +3,9 @@
 Projections `query`, `key`, `value`, `out` are nnx.Linear (hookable GEMMs). The score and value
 batched matmuls run inside `jax.nn.dot_product_attention` and stay in high precision (they are
 not weight GEMMs and are never quantized). attention_impl "auto" picks cuDNN's fused flash attention on
-a GPU for bf16/fp16 heads of width <= 128 (1.44x faster bf16 step at moe-1.8b on an H100, docs/benchmarks.md)
-and XLA's softmax(q k^T) v elsewhere; None / "xla" / "cudnn" are passed to jax as they are.
+an NVIDIA GPU (sm80+) for bf16/fp16 heads of width <= 128 (1.44x faster bf16 step at moe-1.8b on an H100,
+docs/benchmarks.md) and XLA's softmax(q k^T) v elsewhere (CPU, TPU, ROCm); None / "xla" / "cudnn" are
+passed to jax as they are.
 """
 
 from __future__ import annotations
@@ -20,20 +21,52 @@ from lowbit.model.config import ModelConfig
 from lowbit.model.layers import apply_rope, projection
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-CUDNN_MAX_HEAD_DIM = 128  # cuDNN flash attention's head width limit on Hopper (multiples of 8)
+# jax (0.10.2, 0.11) lets cuDNN flash attention take heads up to 256 wide on sm90+, 128 on sm80/86/89, each a
+# multiple of 8 (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention); 128 holds on every one.
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)  # cuDNN's fused flash attention needs Ampere or newer
 
 
-def resolve_attention_impl(impl: str | None, dtype: Any, head_dim: int, platform: str | None = None
-                           ) -> str | None:
-    """The jax.nn.dot_product_attention implementation for a config's attention_impl: "auto" is "cudnn" on a
-    GPU (platform: jax.default_backend() unless given) for bf16/fp16 heads of width <= 128, a multiple of 8;
-    "xla" otherwise. Other values are returned unchanged."""
+def _compute_capability(device: Any) -> tuple[int, int] | None:
+    """A CUDA device's compute capability ("9.0" -> (9, 0)); None where it has none or it does not parse."""
+    try:
+        major, minor = str(device.compute_capability).split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return None
+
+
+def default_gpu_platform() -> tuple[str, tuple[int, int] | None]:
+    """(platform, compute capability) of the default backend, with "cuda" / "rocm" for a GPU: jax names every
+    GPU backend "gpu", and only CUDA has cuDNN (jax's own check: "cuda" in the backend's platform_version)."""
+    platform = jax.default_backend()
+    if platform != "gpu":
+        return platform, None
+    try:
+        from jax.extend import backend as jax_backend
+
+        version = str(jax_backend.get_backend().platform_version).lower()
+    except (ImportError, AttributeError):
+        version = "cuda"  # unreadable: assume the common case (cuDNN fails loudly, never silently)
+    if "cuda" not in version:
+        return ("rocm" if "rocm" in version else "gpu (not CUDA)"), None
+    return "cuda", _compute_capability(jax.devices()[0])
+
+
+def resolve_attention_impl(impl: str | None, dtype: Any, head_dim: int, platform: str | None = None,
+                           compute_capability: tuple[int, int] | None = None) -> str | None:
+    """The jax.nn.dot_product_attention implementation for a config's attention_impl: "auto" is "cudnn" on an
+    NVIDIA GPU (platform "cuda" or "gpu"; compute capability >= 8.0 where known) for bf16/fp16 heads of width
+    <= 128, a multiple of 8; "xla" otherwise. platform / compute_capability: the default backend's unless
+    platform is given. Other values of impl are returned unchanged."""
     if impl != "auto":
         return impl
-    platform = platform or jax.default_backend()
+    if platform is None:
+        platform, compute_capability = default_gpu_platform()
     fits = jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and head_dim % 8 == 0 \
         and head_dim <= CUDNN_MAX_HEAD_DIM
-    return "cudnn" if platform in ("gpu", "cuda") and fits else "xla"
+    new_enough = compute_capability is None or tuple(compute_capability) >= CUDNN_MIN_COMPUTE_CAPABILITY
+    return "cudnn" if platform in ("gpu", "cuda") and fits and new_enough else "xla"
 
 
 class Attention(nnx.Module):
