@@ -38,11 +38,16 @@ def main() -> None:
     p.add_argument("--json", default="/tmp/fp8acc_accuracy.json")
     args = p.parse_args()
     bm, bk, bn, warps, stages = (int(v) for v in args.tile.split(":"))
+    settings = [v.strip().lower() for v in args.settings.split(",")]
+    if any(v != "none" and not v.isdigit() for v in settings):
+        p.error(f"--settings takes ints or 'none', comma-separated; got {args.settings!r}")
     rows = []
     for shape in args.shapes.split(","):
         m, k, n = (int(v) for v in shape.split("x"))
         sizes = np.array([m * 11 // 32, m * 9 // 32, m * 7 // 32, 0])
         sizes[3] = m - sizes[:3].sum() - 8  # the last 8 rows belong to no group: zeros
+        if sizes[3] < 0:  # M < 38: a negative group size would make grouped_matmul read garbage
+            p.error(f"--shapes {shape}: M too small for 4 uneven groups and 8 rows in none; use M >= 64")
         keys = jax.random.split(jax.random.key(m + k + n), 2)
         x8 = per_tensor_e4m3(jax.random.normal(keys[0], (m, k), jnp.float32))[0]
         w8 = per_tensor_e4m3(jax.random.normal(keys[1], (4, n, k), jnp.float32) / np.sqrt(k))[0]
@@ -58,7 +63,7 @@ def main() -> None:
         rows.append(row)
         print(f"{shape:16s} {row['variant']:44s} rms {row['rel_rms_err']:.3e} max {row['rel_max_err']:.3e}",
               flush=True)
-        for setting in args.settings.split(","):
+        for setting in settings:
             value = None if setting == "none" else int(setting)
             triton_fp8_acc.set_fp8_max_imprecise_acc(value)
             before = triton_fp8_acc.patched_dot_count()

@@ -81,8 +81,11 @@ def main() -> None:
                    help="FP8 fprop: each tile's and XLA FP8's relative error vs an f32 HIGHEST reference")
     args = p.parse_args()
     # the flag's values, else the one from $LOWBIT_FP8_MAX_IMPRECISE_ACC (None: jax's default)
-    fp8_accs = ([None if v.strip() == "none" else int(v) for v in args.fp8_imprecise_acc.split(",")]
-                if args.fp8_imprecise_acc else [triton_fp8_acc.get_fp8_max_imprecise_acc()])
+    values = [v.strip().lower() for v in args.fp8_imprecise_acc.split(",")] if args.fp8_imprecise_acc else []
+    if any(v != "none" and not v.isdigit() for v in values):
+        p.error(f"--fp8-imprecise-acc takes ints or 'none', comma-separated; got {args.fp8_imprecise_acc!r}")
+    fp8_accs = ([None if v == "none" else int(v) for v in values]
+                if values else [triton_fp8_acc.get_fp8_max_imprecise_acc()])
     unpatched = []  # settings != None under which no FP8 tt.dot was given the attribute
     rows = []
     tokens = GROUPED_TOKENS["full"]

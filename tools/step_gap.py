@@ -76,7 +76,9 @@ def top_events(trace_dir: Path, top: int = 15) -> dict[str, list[tuple[str, floa
 # GPU kernel name patterns (checked in order) -> category: what share of a step each kind of work takes.
 KERNEL_CATEGORIES = (
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
-    ("gemm (cuBLAS / XLA Triton GEMM)", re.compile(r"nvjet|xmma|cutlass|gemm|cublas|\bdot", re.I)),
+    # splitKreduce / gemv: cuBLAS's own, before "reduce" below claims them
+    ("gemm (cuBLAS / XLA Triton GEMM)", re.compile(r"nvjet|xmma|cutlass|gemm|gemv|splitKreduce|cublas|\bdot",
+                                                   re.I)),
     ("lowbit Pallas kernels", re.compile(r"^lowbit_|quantize", re.I)),
     ("scatter / sort / gather", re.compile(r"scatter|sort|cub::|gather", re.I)),
     ("transpose / copy", re.compile(r"transpose|copy|memcpy|memset", re.I)),
@@ -92,7 +94,9 @@ def hlo_sources(dump_dir: Path) -> dict[str, str]:
     files = sorted(dump_dir.glob("*jit_step*after_optimizations.txt"), key=lambda f: f.stat().st_size)
     if not files:
         return {}
-    line_re = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w-]*)\(")
+    # shape: an array type, or a tuple (cuBLAS / cuDNN custom calls return (result, workspace), multi-output
+    # fusions a tuple), which has spaces inside its parentheses
+    line_re = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\((?:[^()]|\([^()]*\))*\)|\S+) (\w[\w-]*)\(")
     comp_re = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
     rows, comp_names, comp = [], collections.defaultdict(list), ""
     for line in files[-1].read_text().splitlines():
@@ -191,6 +195,7 @@ def main() -> None:
             for name, ms, n in events:
                 print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
         sources = hlo_sources(Path(args.hlo_dir)) if args.hlo_dir else {}
+        tsv_rows = ["device\tms_per_step\tcount_per_step\tkernel\tsource\n"]  # every GPU, not the last one
         for proc, events in top_events(trace_dir, -1).items():
             if "GPU" not in proc:
                 continue
@@ -198,14 +203,13 @@ def main() -> None:
                 print(f"-- {proc}: top kernels' HLO source")
                 for name, ms, n in events[:max(args.top, 0)]:
                     print(f"{ms / 5:9.2f} x{n / 5:<5.1f} {name[:28]:28s} {sources.get(name, '?')[-150:]}")
-            if args.kernels_tsv:
-                with open(args.kernels_tsv, "w") as f:
-                    f.write("ms_per_step\tcount_per_step\tkernel\tsource\n")
-                    for name, ms, n in events:
-                        f.write(f"{ms / 5:.4f}\t{n / 5:.1f}\t{name}\t{sources.get(name, '')}\n")
+            tsv_rows += [f"{proc}\t{ms / 5:.4f}\t{n / 5:.1f}\t{name}\t{sources.get(name, '')}\n"
+                         for name, ms, n in events]
             print(f"-- {proc}: every kernel by category (ms/step)")
             for category, ms in kernel_categories(events):
                 print(f"{ms / 5:9.2f}  {category}")
+        if args.kernels_tsv:
+            Path(args.kernels_tsv).write_text("".join(tsv_rows))
 
 
 if __name__ == "__main__":
