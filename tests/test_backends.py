@@ -141,3 +141,13 @@ def test_native_rejects_other_formats():
     a, b = _operands(4)
     with pytest.raises(ValueError, match="native backend"):
         native.gemm(lowbit.quantize(a, "fp8"), lowbit.quantize(b, "fp8"), out_dtype=jnp.float32)
+
+
+def test_device_info_reads_cuda_capability_and_tolerates_other_strings():
+    from types import SimpleNamespace
+
+    from lowbit.backends import device_info
+
+    assert device_info(SimpleNamespace(platform="gpu", compute_capability="9.0")) == ("gpu", 9.0)
+    assert device_info(SimpleNamespace(platform="gpu", compute_capability="gfx90a")) == ("gpu", None)  # ROCm
+    assert device_info(SimpleNamespace(platform="cpu")) == ("cpu", None)

@@ -32,7 +32,10 @@ def device_info(device: Any = None) -> tuple[str, float | None]:
     """(platform, compute capability as a float or None) of `device` (default: jax.devices()[0])."""
     device = jax.devices()[0] if device is None else device
     cc = getattr(device, "compute_capability", None)
-    return device.platform, (float(cc) if cc else None)
+    try:
+        return device.platform, (float(cc) if cc else None)
+    except (TypeError, ValueError):  # not a CUDA "major.minor" (ROCm reports e.g. "gfx90a")
+        return device.platform, None
 
 
 def _quantized_formats(recipe: Any) -> set[str]:
