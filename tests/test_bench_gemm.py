@@ -163,6 +163,7 @@ def test_step_tiny_rows(tmp_path):
     assert row["status"] == "ok", row.get("error")
     assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["ratio"] == 1.0
     assert row["temp_size_in_bytes"] >= 0 and np.isfinite(row["loss"])
+    assert (row["moe_impl"], row["attention"]) == ("dropless", "xla")  # tiny's MoE path; auto on a CPU
 
 
 def test_blackwell_aot_cpu_says_it_needs_cuda():
