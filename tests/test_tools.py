@@ -1,0 +1,64 @@
+"""tools/step_gap.py's trace readers on synthetic input: HLO source per kernel name, kernel categories."""
+
+# ruff: noqa: E501  (DUMP holds HLO text lines as XLA writes them)
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+STEP_GAP = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "step_gap.py"))
+
+# The shapes of lines in XLA's optimized-HLO text dump: a fused computation with op_name metadata, a fusion
+# whose own metadata is empty, a multi-output fusion and a cuBLAS custom call returning tuples.
+DUMP = """HloModule jit_step, entry_computation_layout={()->()}
+
+%fused_computation.7 (param_0.1: bf16[64,32]) -> f8e4m3fn[64,32] {
+  %param_0.1 = bf16[64,32]{1,0} parameter(0)
+  ROOT %convert.3 = f8e4m3fn[64,32]{1,0} convert(%param_0.1), metadata={op_name="jit(step)/jvp(_quantize_jit)/convert_element_type"}
+}
+
+ENTRY %main.9 (p0: bf16[64,32], p1: f8e4m3fn[32,16]) -> bf16[64,16] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %loop_convert_fusion.14 = f8e4m3fn[64,32]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.7
+  %input_reduce_fusion.2 = (f32[], bf16[64,32]{1,0}) fusion(%p0), kind=kInput, calls=%fused_computation.7, metadata={op_name="jit(step)/reduce_max"}
+  %cublas-gemm.1 = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%loop_convert_fusion.14, %p1), custom_call_target="__cublas$lt$matmul$f8", metadata={op_name="jit(step)/dot_general"}
+  ROOT %get-tuple-element.5 = bf16[64,16]{1,0} get-tuple-element(%cublas-gemm.1), index=0
+}
+"""
+
+
+def test_hlo_sources_names_fusions_tuples_and_custom_calls(tmp_path):
+    (tmp_path / "module_0054.jit_step.sm_9.0_gpu_after_optimizations.txt").write_text(DUMP)
+    (tmp_path / "module_0001.jit_other.sm_9.0_gpu_after_optimizations.txt").write_text("")
+    sources = STEP_GAP["hlo_sources"](tmp_path)
+    # no op_name of its own: its fused computation's
+    assert sources["loop_convert_fusion_14"] == (
+        "kLoop f8e4m3fn[64,32]{1,0} | jit(step)/jvp(_quantize_jit)/convert_element_type")
+    assert sources["input_reduce_fusion_2"].startswith("kInput (f32[], bf16[64,32]{1,0})")
+    assert sources["input_reduce_fusion_2"].endswith("| jit(step)/reduce_max")
+    assert sources["cublas_gemm_1"].startswith("__cublas$lt$matmul$f8 (bf16[64,16]")
+    assert STEP_GAP["hlo_sources"](tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("name, category", [
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7", "attention (cuDNN)"),
+    ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_TNT", "gemm (cuBLAS / XLA Triton GEMM)"),
+    ("void splitKreduce_kernel<32, 16, int, float>", "gemm (cuBLAS / XLA Triton GEMM)"),
+    ("gemm_fusion_dot_376", "gemm (cuBLAS / XLA Triton GEMM)"),
+    ("lowbit_grouped_wgrad__2", "lowbit Pallas kernels"),
+    ("input_scatter_fusion_22", "scatter / sort / gather"),
+    ("wrapped_transpose_94", "transpose / copy"),
+    ("input_reduce_fusion_185", "reduction fusions"),
+    ("loop_convert_fusion_14", "other XLA fusions"),
+    ("some_unknown_kernel", "other"),
+])
+def test_kernel_categories(name, category):
+    assert STEP_GAP["kernel_categories"]([(name, 2.0, 1)]) == [(category, 2.0)]
+
+
+def test_kernel_categories_sum_per_category_largest_first():
+    events = [("nvjet_a", 1.0, 1), ("loop_add_fusion", 0.5, 2), ("nvjet_b", 2.0, 3), ("wrapped_transpose", 4.0, 1)]
+    assert STEP_GAP["kernel_categories"](events) == [
+        ("transpose / copy", 4.0), ("gemm (cuBLAS / XLA Triton GEMM)", 3.0), ("other XLA fusions", 0.5)]
