@@ -62,3 +62,20 @@ def test_kernel_categories_sum_per_category_largest_first():
     events = [("nvjet_a", 1.0, 1), ("loop_add_fusion", 0.5, 2), ("nvjet_b", 2.0, 3), ("wrapped_transpose", 4.0, 1)]
     assert STEP_GAP["kernel_categories"](events) == [
         ("transpose / copy", 4.0), ("gemm (cuBLAS / XLA Triton GEMM)", 3.0), ("other XLA fusions", 0.5)]
+
+
+def test_fp8acc_accuracy_reference_on_cpu(tmp_path, monkeypatch):
+    """tools/fp8acc_accuracy.py's float64 reference: on the CPU both GEMMs accumulate FP8 products in f32,
+    so every error is at f32 rounding level; the rows past the groups' total must come back as zeros."""
+    import json
+    import sys
+
+    out = tmp_path / "acc.json"
+    monkeypatch.setattr(sys, "argv", ["fp8acc_accuracy.py", "--settings", "none", "--shapes", "64x256x32",
+                                      "--tile", "16:32:32:4:2", "--json", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "fp8acc_accuracy.py"),
+                   run_name="__main__")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"][:6] for r in rows] == ["XLA FP", "pallas"]
+    for row in rows:
+        assert 0 <= row["rel_rms_err"] < 1e-6 and 0 <= row["rel_max_err"] < 1e-6, row
