@@ -594,6 +594,39 @@ def test_hooks_reach_every_projection_and_expert_gemm(moe_impl, remat):
         assert calls[f"{experts}.{used}"] == 3 and calls[f"{experts}.{unused}"] == 0
 
 
+class PlainRaggedHook(nnx.Module):
+    """A user's own module hook with exactly the ragged_dot(lhs, rhs, group_sizes) contract: no impl=."""
+
+    def __init__(self):
+        self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, lhs, rhs, group_sizes):
+        self.calls[...] += 1
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def test_pallas_moe_passes_impl_only_to_hooks_that_take_it():
+    """moe_impl=pallas gives impl="pallas" to QuantRaggedDot-like hooks (impl or **kwargs), never to a plain
+    module hook, which would fail with an unexpected keyword."""
+    cfg = f32_tiny(moe_impl="pallas", num_decoder_layers=1)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    experts = next(m for _, m in nnx.iter_graph(model) if hasattr(m, "ragged_impl"))
+    assert experts.ragged_impl == "pallas"
+    plain = PlainRaggedHook()
+    experts.ragged_dot = nnx.data(plain) if hasattr(nnx, "data") else plain
+    logits, _ = model(random_tokens(24, 2, 8))
+    assert logits.shape == (2, 8, cfg.vocab_size) and int(plain.calls[...]) == 3
+    seen = []
+    def recording(lhs, rhs, sizes, **kw):
+        seen.append(kw)
+        return jax.lax.ragged_dot(lhs, rhs, sizes)
+
+    counting = CountingHook(recording)
+    experts.ragged_dot = nnx.data(counting) if hasattr(nnx, "data") else counting
+    model(random_tokens(24, 2, 8))
+    assert seen == [{"impl": "pallas"}] * 3
+
+
 def test_hooks_receive_compute_dtype_operands_and_float32_router():
     cfg = tiny(dtype="bfloat16", moe_impl="capacity")
     model = Decoder(cfg, rngs=nnx.Rngs(0))

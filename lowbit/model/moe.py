@@ -15,6 +15,7 @@ imports lowbit's quantization code.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -94,9 +95,10 @@ class MoeExperts(nnx.Module):
 
     def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Rows of x_sorted[T*k, emb] grouped by expert (group_sizes[E]) -> [T*k, emb]."""
-        # Only a swapped-in module hook (quantize_model's) takes impl=; plain functions keep the contract.
-        module_hook = isinstance(self.ragged_dot, nnx.Module)
-        impl = {"impl": "pallas"} if self.ragged_impl == "pallas" and module_hook else {}
+        # Only a swapped-in module hook that takes impl= (quantize_model's QuantRaggedDot) gets it; plain
+        # functions and other modules keep the ragged_dot(lhs, rhs, group_sizes) contract.
+        wants_impl = self.ragged_impl == "pallas" and _takes_impl(self.ragged_dot)
+        impl = {"impl": "pallas"} if wants_impl else {}
         return self._swiglu(x_sorted, lambda a, w: self.ragged_dot(a, w, group_sizes, **impl))
 
     def batched(self, buffer: jax.Array) -> jax.Array:
@@ -111,6 +113,17 @@ class MoeExperts(nnx.Module):
         up = checkpoint_name(matmul(x, wi_1), "moe_wi_1")
         hidden = (jax.nn.silu(gate) * up).astype(self.dtype)
         return checkpoint_name(matmul(hidden, wo), "moe_wo")
+
+
+def _takes_impl(hook: Any) -> bool:
+    """True for an nnx.Module hook whose call names an `impl` parameter (or takes **kwargs)."""
+    if not isinstance(hook, nnx.Module):
+        return False
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: keep the plain contract
+        return False
+    return any(p.name == "impl" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def dropless_dispatch(experts: MoeExperts, x: jax.Array, expert_index: jax.Array) -> jax.Array:
