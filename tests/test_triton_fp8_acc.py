@@ -109,6 +109,28 @@ def test_fp8_dot_gets_the_value_only_while_set_and_default_comes_back():
     assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 0)]
 
 
+def _user_fp8_dot(x, w):
+    """A Pallas FP8 kernel of someone else's (not named lowbit_*): x [64, 32] . w [64, 32]^T."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                          name="user_fp8_dot", interpret=False,
+                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1))(x, w)
+
+
+def test_only_lowbit_kernels_are_marked():
+    """The setting is process-wide but a user's own Pallas FP8 kernel keeps jax's accumulation."""
+    user_args = (jax.ShapeDtypeStruct((64, 32), E4M3), jax.ShapeDtypeStruct((64, 32), E4M3))
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    assert _dots(_user_fp8_dot, *user_args) == [("f8E4M3FN", 0)]
+    assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 128)]
+
+
 def test_install_is_idempotent_and_off_restores_jaxs_rule():
     from jax._src.pallas.triton import lowering  # private: the registry the shim wraps
 

@@ -12,9 +12,10 @@ and 0.11): the wrapper calls jax's rule, finds the `tt.dot` ops it added to the 
 `maxNumImpreciseAcc` on those whose A operand is FP8. A jax whose layout differs gets a RuntimeError naming
 its version, never a silent no-op. Installed only while a value is set (idempotent, reversible).
 
-The setting is process-wide (every Pallas Triton FP8 dot lowered afterwards, lowbit's or not) and acts at
-lowering time, i.e. when the enclosing jit is lowered, not when it is traced. Changing it clears jax's
-caches (`jax.clear_caches`) so functions lowered before the change are lowered again with the new value.
+The setting is process-wide but reaches only lowbit's own kernels (Pallas kernels named `lowbit_*`; a
+user's Pallas FP8 kernels keep jax's accumulation) and acts at lowering time, i.e. when the enclosing
+jit is lowered, not when it is traced. Changing it clears jax's caches (`jax.clear_caches`) so functions
+lowered before the change are lowered again with the new value.
 `$LOWBIT_FP8_MAX_IMPRECISE_ACC` (an int, or "none" for jax's default) gives the starting value, read at
 first use; unset, it is DEFAULT = 128. Measured on an H100 (docs/benchmarks.md): the FP8 grouped GEMM runs
 1.74-1.90x faster than at jax's default, with 1.3e-4 relative rms error against float64 (jax's default:
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 ENV_VAR = "LOWBIT_FP8_MAX_IMPRECISE_ACC"
+KERNEL_PREFIX = "lowbit_"  # the pallas_call names of lowbit's kernels (grouped_pallas): the only ones marked
 DEFAULT = 128  # promote to f32 every 128 K elements (DeepSeek-V3); measured above
 _I32_MAX = 2**31 - 1  # the attribute is an i32 (Triton reads it as uint32; keep it non-negative)
 
@@ -104,6 +106,12 @@ def _make_wrapper(original: Callable[..., Any], lowering: Any) -> Callable[..., 
         n = _setting
         if n is None or not ctx.avals_in or not _is_fp8_dtype(ctx.avals_in[0].dtype):
             return original(ctx, *args, **params)  # only an FP8 A operand triggers Triton's promotion
+        kernel = getattr(getattr(ctx, "context", None), "name", None)  # ModuleContext.name: the kernel's
+        if not isinstance(kernel, str):
+            _layout_problem("the dot_general lowering context has no kernel name (ctx.context.name)")
+            return original(ctx, *args, **params)
+        if not kernel.startswith(KERNEL_PREFIX):
+            return original(ctx, *args, **params)  # someone else's kernel: jax's accumulation
         try:
             block = ir.InsertionPoint.current.block
         except (ValueError, AttributeError) as error:
