@@ -7,6 +7,7 @@ its own MLIR context with the Triton dialect and reads every tt.dot's A element 
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 from jax import lax
 
 from lowbit.kernels import triton_fp8_acc
-from lowbit.kernels.grouped_pallas import grouped_matmul
+from lowbit.kernels.grouped_pallas import grouped_matmul, grouped_wgrad
 
 pytest.importorskip("jax.experimental.pallas.triton")
 ir = pytest.importorskip("jaxlib.mlir.ir")
@@ -129,6 +130,52 @@ def test_only_lowbit_kernels_are_marked():
     triton_fp8_acc.set_fp8_max_imprecise_acc(128)
     assert _dots(_user_fp8_dot, *user_args) == [("f8E4M3FN", 0)]
     assert _dots(_forward, *_fp8_args()) == [("f8E4M3FN", 128)]
+
+
+def _wgrad(a, b, g):  # the other lowbit kernel (lowbit_grouped_wgrad), FP8 operands as given
+    return grouped_wgrad(a, b, g, preferred_element_type=jnp.float32, interpret=False)
+
+
+def _vmapped_forward(x, w, g):
+    return jax.vmap(_forward)(x, w, g)
+
+
+@pytest.mark.parametrize("fn, args", [
+    (jax.jit(jax.jit(_forward)), _fp8_args()),  # nested jits must not rename the kernel
+    (jax.checkpoint(_forward), _fp8_args()),
+    (_vmapped_forward, (jax.ShapeDtypeStruct((2, ROWS, K), E4M3), jax.ShapeDtypeStruct((2, E, N, K), E4M3),
+                        jax.ShapeDtypeStruct((2, E), jnp.int32))),
+    (_wgrad, (jax.ShapeDtypeStruct((ROWS, 128), E4M3), jax.ShapeDtypeStruct((ROWS, 64), E4M3), SIZES)),
+], ids=["jit_of_jit", "checkpoint", "vmap", "wgrad_kernel"])
+def test_every_lowbit_kernel_keeps_its_name_under_transforms(fn, args):
+    """The mark keys on the kernel name: a renamed kernel (or a name jax rewrote) would silently lose it."""
+    triton_fp8_acc.set_fp8_max_imprecise_acc(128)
+    assert _dots(fn, *args) == [("f8E4M3FN", 128)]
+
+
+def _fake_ctx(context):
+    return types.SimpleNamespace(avals_in=[types.SimpleNamespace(dtype=E4M3)], context=context)
+
+
+def test_kernel_name_check_keeps_the_soft_strict_rules(monkeypatch):
+    """Another kernel's FP8 dot: jax's rule, no warning, setting kept; no name: raise if set, else warn."""
+    from jax._src.pallas.triton import lowering  # private: the module the shim wraps
+
+    wrapper = triton_fp8_acc._make_wrapper(lambda ctx, *a, **kw: "jax's rule", lowering)
+    for strict in (True, False):
+        monkeypatch.setattr(triton_fp8_acc, "_strict", strict)
+        monkeypatch.setattr(triton_fp8_acc, "_setting", 128)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a user's kernel is not a layout problem: no warning
+            assert wrapper(_fake_ctx(types.SimpleNamespace(name="user_kernel"))) == "jax's rule"
+        assert triton_fp8_acc._setting == 128
+    monkeypatch.setattr(triton_fp8_acc, "_strict", True)
+    with pytest.raises(RuntimeError, match="no kernel name"):
+        wrapper(_fake_ctx(types.SimpleNamespace()))
+    monkeypatch.setattr(triton_fp8_acc, "_strict", False)
+    with pytest.warns(UserWarning, match="no kernel name"):
+        assert wrapper(_fake_ctx(None)) == "jax's rule"
+    assert triton_fp8_acc._setting is None  # the soft default really falls back
 
 
 def test_install_is_idempotent_and_off_restores_jaxs_rule():
