@@ -31,7 +31,8 @@ from lowbit.model import (
 )
 from lowbit.model.attention import resolve_attention_impl
 from lowbit.model.decoder import embed_tokens
-from lowbit.model.moe import capacity_dispatch, route
+from lowbit.model.moe import _takes_impl, capacity_dispatch, route
+from lowbit.nn import QuantRaggedDot
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -625,6 +626,45 @@ def test_pallas_moe_passes_impl_only_to_hooks_that_take_it():
     experts.ragged_dot = nnx.data(counting) if hasattr(nnx, "data") else counting
     model(random_tokens(24, 2, 8))
     assert seen == [{"impl": "pallas"}] * 3
+
+
+def _keeps_signature(fn):  # a decorator written with functools.wraps: inspect sees the wrapped signature
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class WrappedPlainHook(nnx.Module):
+    @_keeps_signature
+    def __call__(self, lhs, rhs, group_sizes):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+class PositionalImplHook(nnx.Module):
+    def __call__(self, lhs, rhs, group_sizes, impl="xla", /):  # impl= by keyword would be a TypeError
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+class KeywordImplHook(nnx.Module):
+    def __call__(self, lhs, rhs, group_sizes, *, impl):
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def _ragged_with_impl(lhs, rhs, group_sizes, impl="xla"):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+@pytest.mark.parametrize("make_hook, takes", [
+    (lambda: QuantRaggedDot("fp8"), True),  # quantize_model's own hook
+    (KeywordImplHook, True),
+    (PlainRaggedHook, False),
+    (WrappedPlainHook, False),
+    (PositionalImplHook, False),
+    (lambda: _ragged_with_impl, False),  # plain functions keep the contract whatever they accept
+], ids=["QuantRaggedDot", "keyword_only", "plain", "wraps_decorated_plain", "positional_only", "function"])
+def test_takes_impl_reads_the_hooks_call_signature(make_hook, takes):
+    assert _takes_impl(make_hook()) is takes
 
 
 def test_hooks_receive_compute_dtype_operands_and_float32_router():

@@ -116,14 +116,16 @@ class MoeExperts(nnx.Module):
 
 
 def _takes_impl(hook: Any) -> bool:
-    """True for an nnx.Module hook whose call names an `impl` parameter (or takes **kwargs)."""
+    """True for an nnx.Module hook whose call takes `impl=` by keyword (an `impl` parameter or **kwargs)."""
     if not isinstance(hook, nnx.Module):
         return False
     try:
         params = inspect.signature(hook).parameters.values()
     except (TypeError, ValueError):  # no introspectable signature: keep the plain contract
         return False
-    return any(p.name == "impl" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any((p.name == "impl" and p.kind in by_keyword) or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in params)
 
 
 def dropless_dispatch(experts: MoeExperts, x: jax.Array, expert_index: jax.Array) -> jax.Array:
