@@ -36,6 +36,7 @@ import lowbit
 from lowbit.config import Config, TrainConfig, dump_yaml, list_configs, load_config
 from lowbit.data import make_train_iter, make_val_batches
 from lowbit.model import Decoder
+from lowbit.model.attention import resolve_attention_impl
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # expert parallelism is data parallelism outside the MoE
@@ -88,14 +89,18 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     checkpoints = make_checkpoint_manager(workdir / "checkpoints", tc)
     state, start_step = restore_latest(checkpoints, state, data_iter)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_through_step=start_step)
+    # what attention_impl "auto" resolved to on this machine (cuDNN on an NVIDIA GPU, else XLA)
+    attention = resolve_attention_impl(config.model.attention_impl, config.model.compute_dtype,
+                                       config.model.head_dim) or "xla"
     if jax.process_index() == 0:
         (workdir / "config.yaml").write_text(
-            f"# lowbit run: recipe={recipe.name} config={config.name} (load with --config this file)\n"
-            + dump_yaml(config))
+            f"# lowbit run: recipe={recipe.name} config={config.name} attention={attention} "
+            "(load with --config this file)\n" + dump_yaml(config))
         (workdir / "recipe.yaml").write_text(recipe.to_yaml())
 
     tokens_per_step = config.data.global_batch_size * config.model.max_target_length
-    summary = {"recipe": recipe.name, "config": config.name, "workdir": str(workdir),
+    summary = {"recipe": recipe.name, "config": config.name, "attention": attention,
+               "workdir": str(workdir),
                "start_step": start_step, "stopped": "completed"}
     last_loss = last_val = None
     step = start_step

@@ -76,6 +76,8 @@ def test_loss_falls_by_15_percent_within_60_steps(recipe, tmp_path):
     losses = [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert all(math.isfinite(x) for x in losses) and summary["nonfinite_count"] == 0
+    assert summary["attention"] == "xla"  # attention_impl auto on a CPU
+    assert "attention=xla" in (tmp_path / "config.yaml").read_text().splitlines()[0]
     first, last = losses[0], float(np.mean(losses[-5:]))
     assert first == pytest.approx(math.log(256), rel=0.1)  # untrained: about uniform over bytes
     assert last <= 0.85 * first, f"{recipe}: loss {first:.3f} -> {last:.3f}"
