@@ -97,7 +97,7 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     import lowbit
     from lowbit import train
     from lowbit.model import flops_per_token
-    from lowbit.model.attention import resolve_attention_impl
+    from lowbit.model.attention import config_attention_impl
 
     config = load_step_config(config_name, overrides)
     tc = config.train
@@ -132,8 +132,7 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
            "backends": sorted({train.with_backend(recipe, backend).backend}),
            "peak_gb": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
            "tokens_per_step": tokens_per_step, "moe_impl": config.model.moe_impl,
-           "attention": resolve_attention_impl(config.model.attention_impl, config.model.compute_dtype,
-                                               config.model.head_dim) or "xla"}
+           "attention": config_attention_impl(config.model)}
     analysis = _memory_analysis(compiled)
     row.update(analysis)
     if analysis:

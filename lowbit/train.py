@@ -36,7 +36,7 @@ import lowbit
 from lowbit.config import Config, TrainConfig, dump_yaml, list_configs, load_config
 from lowbit.data import make_train_iter, make_val_batches
 from lowbit.model import Decoder
-from lowbit.model.attention import resolve_attention_impl
+from lowbit.model.attention import config_attention_impl
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # expert parallelism is data parallelism outside the MoE
@@ -90,8 +90,7 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     state, start_step = restore_latest(checkpoints, state, data_iter)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", keep_through_step=start_step)
     # what attention_impl "auto" resolved to on this machine (cuDNN on an NVIDIA GPU, else XLA)
-    attention = resolve_attention_impl(config.model.attention_impl, config.model.compute_dtype,
-                                       config.model.head_dim) or "xla"
+    attention = config_attention_impl(config.model)
     if jax.process_index() == 0:
         (workdir / "config.yaml").write_text(
             f"# lowbit run: recipe={recipe.name} config={config.name} attention={attention} "

@@ -69,6 +69,11 @@ def resolve_attention_impl(impl: str | None, dtype: Any, head_dim: int, platform
     return "cudnn" if platform in ("gpu", "cuda") and fits and new_enough else "xla"
 
 
+def config_attention_impl(cfg: ModelConfig) -> str:
+    """What cfg.attention_impl runs as on the default backend ("cudnn" or "xla"; None is jax's XLA)."""
+    return resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim) or "xla"
+
+
 class Attention(nnx.Module):
     """softmax(q k^T / sqrt(d) + causal mask) v with Hq query heads sharing Hkv key/value heads.
 
