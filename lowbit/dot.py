@@ -401,14 +401,9 @@ def _apply_output_scales(acc: jax.Array, tensor_scales: tuple[Any, ...], prescal
     return jnp.where(owned, acc, 0.0) if scales else acc
 
 
-def _owned_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
-    """bool[num_rows, 1]: rows some group owns (the first min(sum(group_sizes), num_rows))."""
-    return (jnp.arange(num_rows) < jnp.sum(group_sizes.astype(jnp.int32)))[:, None]
-
-
 def _pallas_ragged(lhs: Operand, rhs: Operand, group_sizes: jax.Array, rhs_contract: int) -> jax.Array:
     """float32 out[t] = lhs[t] · rhs[g(t)] contracting rhs dim rhs_contract, on the grouped Pallas kernel."""
-    from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
+    from lowbit.kernels.grouped_pallas import group_bounds, grouped_matmul  # lazy: Pallas only when asked for
 
     a, ts_a, p_a = _kernel_operand(lhs)
     b, ts_b, p_b = _kernel_operand(rhs)
@@ -417,7 +412,9 @@ def _pallas_ragged(lhs: Operand, rhs: Operand, group_sizes: jax.Array, rhs_contr
         # Hopper's FP8 MMA takes both operands K-major: store W as [E, N, K] (a copy of FP8 bytes).
         b, layout = jnp.swapaxes(b, 1, 2), "enk"
     acc = grouped_matmul(a, b, group_sizes, preferred_element_type=jnp.float32, rhs_layout=layout)
-    return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), _owned_rows(group_sizes, acc.shape[0]))
+    # rows some group owns, by the kernel's own rule (clipped group bounds)
+    owned = (jnp.arange(acc.shape[0]) < jnp.sum(group_bounds(group_sizes, acc.shape[0])[1]))[:, None]
+    return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), owned)
 
 
 def _ragged(static: _Static, lhs: Operand, rhs: Operand, group_sizes, out_dtype,
@@ -524,11 +521,11 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: R
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"ragged_dot expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got "
                          f"{lhs.shape}, {rhs.shape}, {group_sizes.shape}")
-    if not recipe.quantized and impl == "pallas":
-        from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
-
-        return grouped_matmul(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
     if not recipe.quantized:
+        if impl == "pallas":
+            from lowbit.kernels.grouped_pallas import grouped_matmul  # lazy: Pallas only when asked for
+
+            return grouped_matmul(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
         return lax.ragged_dot(lhs, rhs, group_sizes, precision=precision,
                               preferred_element_type=preferred_element_type)
     if recipe.needs_rng and key is None:
