@@ -38,9 +38,10 @@ def main() -> None:
     p.add_argument("--json", default="/tmp/fp8acc_accuracy.json")
     args = p.parse_args()
     bm, bk, bn, warps, stages = (int(v) for v in args.tile.split(":"))
-    settings = [v.strip().lower() for v in args.settings.split(",")]
-    if any(v != "none" and not v.isdigit() for v in settings):
-        p.error(f"--settings takes ints or 'none', comma-separated; got {args.settings!r}")
+    try:
+        settings = [triton_fp8_acc.parse_setting(v, "--settings") for v in args.settings.split(",")]
+    except (TypeError, ValueError) as error:
+        p.error(str(error))
     rows = []
     for shape in args.shapes.split(","):
         m, k, n = (int(v) for v in shape.split("x"))
@@ -63,14 +64,14 @@ def main() -> None:
         rows.append(row)
         print(f"{shape:16s} {row['variant']:44s} rms {row['rel_rms_err']:.3e} max {row['rel_max_err']:.3e}",
               flush=True)
-        for setting in settings:
-            value = None if setting == "none" else int(setting)
+        for value in settings:
             triton_fp8_acc.set_fp8_max_imprecise_acc(value)
             before = triton_fp8_acc.patched_dot_count()
             out = jax.jit(lambda a, b, s: grouped_matmul(
                 a, b, s, rhs_layout="enk", preferred_element_type=jnp.float32, tile=(bm, bk, bn),
                 num_warps=warps, num_stages=stages))(x8, w8, jnp.asarray(sizes, jnp.int32))
-            row = {"shape": shape, "variant": f"pallas grouped, maxNumImpreciseAcc {setting}",
+            label = "none" if value is None else value
+            row = {"shape": shape, "variant": f"pallas grouped, maxNumImpreciseAcc {label}",
                    "fp8_dots_patched": triton_fp8_acc.patched_dot_count() - before,
                    **errors(np.asarray(out), ref)}
             rows.append(row)

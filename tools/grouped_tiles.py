@@ -56,11 +56,12 @@ def main() -> None:
                         "128: promote every 128 K; 1073741824: never)")
     args = p.parse_args()
     # the flag's values, else the one from $LOWBIT_FP8_MAX_IMPRECISE_ACC (None: jax's default)
-    values = [v.strip().lower() for v in args.fp8_imprecise_acc.split(",")] if args.fp8_imprecise_acc else []
-    if any(v != "none" and not v.isdigit() for v in values):
-        p.error(f"--fp8-imprecise-acc takes ints or 'none', comma-separated; got {args.fp8_imprecise_acc!r}")
-    fp8_accs = ([None if v == "none" else int(v) for v in values]
-                if values else [triton_fp8_acc.get_fp8_max_imprecise_acc()])
+    try:
+        flag = args.fp8_imprecise_acc
+        fp8_accs = ([triton_fp8_acc.parse_setting(v, "--fp8-imprecise-acc") for v in flag.split(",")]
+                    if flag else [triton_fp8_acc.get_fp8_max_imprecise_acc()])
+    except (TypeError, ValueError) as error:
+        p.error(str(error))
     unpatched = []  # settings != None under which no FP8 tt.dot was given the attribute
     rows = []
     tokens = GROUPED_TOKENS["full"]

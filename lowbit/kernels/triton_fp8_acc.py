@@ -181,23 +181,29 @@ def _check_value(n: Any, source: str) -> int | None:
     return n
 
 
+def parse_setting(text: str, source: str) -> int | None:
+    """A setting written as text: "none" (any case) is None, jax's default; else an int in [0, 2^31 - 1].
+    Bad text raises ValueError naming `source` ($LOWBIT_FP8_MAX_IMPRECISE_ACC, a tool's flag)."""
+    raw = text.strip()
+    if raw.lower() == "none":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{source} must be an int (e.g. 128) or 'none' (jax's default), "
+                         f"got {raw!r}") from None
+    return _check_value(value, source)
+
+
 def _read_env() -> None:
     global _env_read, _strict
     if _env_read:
         return
     raw = os.environ.get(ENV_VAR, "").strip()
     # The starting value: nothing was lowered under another one worth dropping, and this may run mid-trace.
-    if raw.lower() == "none":
+    if raw:
         _strict = True
-        _apply(None, clear_caches=False)
-    elif raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"${ENV_VAR} must be an int (e.g. 128), 'none' (jax's default) or empty "
-                             f"(lowbit's default, {DEFAULT}), got {raw!r}; fix or unset it") from None
-        _strict = True
-        _apply(_check_value(value, f"${ENV_VAR}"), clear_caches=False)
+        _apply(parse_setting(raw, f"${ENV_VAR} (unset: lowbit's default, {DEFAULT})"), clear_caches=False)
     else:
         _strict = False
         try:
