@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowbit.kernels import triton_fp8_acc
+
 BF16 = jnp.bfloat16
 E4M3 = jnp.float8_e4m3fn
 TN = (((1,), (1,)), ((), ()))  # [M, K] x [N, K] -> [M, N]: contracting dim last in both operands
@@ -444,16 +446,6 @@ def _relative_error(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-def _fp8_dots_patched() -> int:
-    from lowbit.kernels import triton_fp8_acc
-    return triton_fp8_acc.patched_dot_count()
-
-
-def _fp8_acc_setting() -> int | None:
-    from lowbit.kernels import triton_fp8_acc
-    return triton_fp8_acc.get_fp8_max_imprecise_acc()
-
-
 def _measure_grouped(forward: Callable, argsets: list, mode: str, flops: float, iters: int,
                      reference: jax.Array | None) -> dict[str, Any]:
     """Time one grouped variant (forward, or forward+backward via its VJP); error vs ragged_dot's output."""
@@ -518,12 +510,12 @@ def bench_grouped(args: argparse.Namespace) -> Runner:
                     else:
                         argsets = [(xs_in[i], layouts[layout][i], dys[i]) for i in range(2)]
                     check = mode == "fwd" and ("dropless" in label or "capacity" in label)
-                    patched = _fp8_dots_patched()
+                    patched = triton_fp8_acc.patched_dot_count()
                     runner.run(row, _measure_grouped, forward, argsets, mode, flops, args.iters,
                                reference if check else None)
                     if fp8 and label.startswith("pallas"):  # which FP8 accumulation this timing ran with
-                        row["fp8_max_imprecise_acc"], count = _fp8_acc_setting(), _fp8_dots_patched()
-                        row["fp8_dots_patched"] = count - patched
+                        row["fp8_max_imprecise_acc"] = triton_fp8_acc.get_fp8_max_imprecise_acc()
+                        row["fp8_dots_patched"] = triton_fp8_acc.patched_dot_count() - patched
                     is_ragged = label.startswith("ragged_dot")
                     if check and reference is None and is_ragged and row["status"] == "ok":
                         reference = jax.jit(forward)(*argsets[0])
