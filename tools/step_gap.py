@@ -50,8 +50,8 @@ def timed(run_step, steps: int, sync_each: bool = True) -> float:
     return 1e3 * (statistics.median(times) if sync_each else (time.perf_counter() - t_all) / steps)
 
 
-def top_events(trace_dir: Path, top: int = 15) -> dict[str, list[tuple[str, float, int]]]:
-    """Per traced process (host threads, GPU streams): (name, total ms, count) of the longest events."""
+def trace_events(trace_dir: Path) -> dict[str, list[tuple[str, float, int]]]:
+    """Per traced process (host threads, GPU streams): (name, total ms, count) by name, longest first."""
     files = sorted(trace_dir.rglob("perfetto_trace.json.gz")) or sorted(trace_dir.rglob("*.json.gz"))
     if not files:
         return {}
@@ -68,8 +68,7 @@ def top_events(trace_dir: Path, top: int = 15) -> dict[str, list[tuple[str, floa
             count[key] += 1
     out: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
     for (proc, name) in sorted(total, key=total.get, reverse=True):
-        if len(out[proc]) < top or (top < 0 and "GPU" in proc):  # top < 0: every GPU kernel
-            out[proc].append((name, total[proc, name], count[proc, name]))
+        out[proc].append((name, total[proc, name], count[proc, name]))
     return dict(out)
 
 
@@ -190,13 +189,15 @@ def main() -> None:
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             timed(stream, 5)
         print(f"\ntop traced events over 5 real-stream steps (trained state), {trace_dir}")
-        for proc, events in top_events(trace_dir, args.top).items():
-            print(f"-- {proc} (listed events: {sum(ms for _, ms, _ in events) / 5:.2f} ms/step)")
-            for name, ms, n in events:
+        processes = trace_events(trace_dir)  # one read of the (large) trace file
+        for proc, events in processes.items():
+            listed = events[:max(args.top, 0)]
+            print(f"-- {proc} (listed events: {sum(ms for _, ms, _ in listed) / 5:.2f} ms/step)")
+            for name, ms, n in listed:
                 print(f"{ms / 5:9.2f} ms/step  x{n / 5:<6.1f} {name[:100]}")
         sources = hlo_sources(Path(args.hlo_dir)) if args.hlo_dir else {}
         tsv_rows = ["device\tms_per_step\tcount_per_step\tkernel\tsource\n"]  # every GPU, not the last one
-        for proc, events in top_events(trace_dir, -1).items():
+        for proc, events in processes.items():
             if "GPU" not in proc:
                 continue
             if sources:
