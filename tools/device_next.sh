@@ -8,6 +8,8 @@
 #   tools/device_next.sh fp8pallas the FP8 Pallas grouped GEMM now promotes every 128 K (1.74-1.90x faster):
 #                                  its tile sweep at that setting, then the fp8 step with moe_impl=pallas
 #   tools/device_next.sh profile   the moe-1.8b fp8 step's kernels with their HLO source (cuDNN attention)
+#   tools/device_next.sh multi     issue 4 on nvidia-h200-x2: the small config trained on two GPUs (fsdp=2, then
+#                                  a resume, nvfp4, one GPU for scale, data=2 and expert=2 meshes)
 # Modes that docs/ cite from earlier sessions (kernels, perf, fp8acc, finish-study, ...) are in git history.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -39,5 +41,19 @@ case "$1" in
       run timeout 200 python3 tools/step_gap.py --config moe-1.8b --recipe fp8 --steps 3 --train-steps 0 \
       --trace /tmp/tr_fp8 --top 45 --hlo-dir /tmp/dump --kernels-tsv "$out/kernels_moe18b_fp8_cudnn.tsv"
     ;;
-  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile" >&2; exit 2 ;;
+  multi)
+    run nvidia-smi -L; run nvidia-smi topo -m
+    run python3 -c "import jax; print(jax.__version__, jax.devices())"
+    w=/tmp/runs; cc="--compilation-cache /tmp/xla_cache"
+    keep() { tar czf "$out/runs.tgz" --exclude=checkpoints -C "$w" . ; }
+    train() { name=$1; limit=$2; shift 2; mkdir -p "$w/$name"
+      run timeout "$limit" "$@" --config small --workdir "$w/$name" $cc; ls "$w/$name/checkpoints" >>"$log"; keep; }
+    train bf16-fsdp2 150 python3 -m lowbit.train --recipe bf16 --steps 200
+    train bf16-fsdp2 60 python3 -m lowbit.train --recipe bf16 --steps 240      # resume: continues at 201
+    train nvfp4-fsdp2 200 python3 -m lowbit.train --recipe nvfp4 --steps 200
+    train bf16-1gpu 90 env CUDA_VISIBLE_DEVICES=0 python3 -m lowbit.train --recipe bf16 --steps 200
+    train bf16-expert2 90 python3 -m lowbit.train --recipe bf16 --steps 200 ici_fsdp=1 ici_expert=2
+    train bf16-data2 90 python3 -m lowbit.train --recipe bf16 --steps 200 ici_fsdp=1 ici_data=2
+    ;;
+  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi" >&2; exit 2 ;;
 esac
