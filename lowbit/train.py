@@ -37,9 +37,9 @@ from lowbit.config import Config, TrainConfig, dump_yaml, list_configs, load_con
 from lowbit.data import make_train_iter, make_val_batches
 from lowbit.model import Decoder
 from lowbit.model.attention import config_attention_impl
+from lowbit.model.sharding import BATCH_AXES
 
 MESH_AXES = ("data", "fsdp", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")  # expert parallelism is data parallelism outside the MoE
 EXIT_USAGE, EXIT_NONFINITE, EXIT_SIGINT = 2, 3, 130
 
 
@@ -79,7 +79,7 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     optimizer = make_optimizer(tc)
     state = init_train_state(params, rng_state, optimizer, mesh, config)
     train_step = make_train_step(graphdef, tc, state, mesh)
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, mesh)
     schedule = schedule_values(tc)
     zero, nan = jnp.float32(0.0), jnp.float32(jnp.nan)  # loss offsets (NaN poisons a step)
 
@@ -331,10 +331,10 @@ def make_train_step(graphdef: Any, tc: TrainConfig, state: dict[str, Any], mesh:
     static = (tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.weight_decay, tc.grad_clip_norm, tc.grad_accum_steps)
     key = ("train", graphdef, static, _tree_key(state_shardings), mesh)
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(
+        _COMPILED[key] = OnMesh(mesh, jax.jit(
             _train_step_fn(graphdef, make_optimizer(tc), tc.grad_accum_steps),
             in_shardings=(state_shardings, NamedSharding(mesh, P(BATCH_AXES)), None, None),
-            out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+            out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0))
     return _COMPILED[key]
 
 
@@ -386,16 +386,32 @@ def _train_step_fn(graphdef: Any, optimizer: optax.GradientTransformation, accum
     return step
 
 
-def make_eval_step(graphdef: Any) -> Callable:
+def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable:
     """jit(state, batch) -> mean cross-entropy; the RNG state it advances is discarded."""
     def eval_loss(state, batch):
         model = nnx.merge(graphdef, state["params"], state["rng"])
         logits, _ = model(batch["inputs"])
         return cross_entropy(logits, batch["targets"])
-    key = ("eval", graphdef)
+    key = ("eval", graphdef, mesh)
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(eval_loss)
+        _COMPILED[key] = OnMesh(mesh, jax.jit(eval_loss))
     return _COMPILED[key]
+
+
+class OnMesh:
+    """A jitted function traced, lowered and run with `mesh` as the context mesh (jax.set_mesh), so
+    the model's activation sharding hints (lowbit.model.sharding) split activations over it."""
+
+    def __init__(self, mesh: Mesh, jitted: Callable):
+        self.mesh, self.jitted = mesh, jitted
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def evaluate(eval_step: Callable, state: dict[str, Any], batches: Sequence[dict[str, jax.Array]]) -> float:

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lowbit.model.config import ModelConfig
 from lowbit.model.layers import apply_rope, projection
+from lowbit.model.sharding import constrain_batch
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # jax (0.10.2, 0.11) lets cuDNN flash attention take heads up to 256 wide on sm90+, 128 on sm80/86/89, each a
@@ -106,6 +107,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         # [B, T, N, H] layout with K heads dividing N heads is GQA natively; scale 1/sqrt(H).
+        # q, k, v split alike (by batch): cuDNN's partitioner rejects q, k, v sharded differently.
+        q, k, v = constrain_batch(q), constrain_batch(k), constrain_batch(v)
         impl = resolve_attention_impl(self.attention_impl, q.dtype, self.head_dim)
         attended = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         attended = attended.reshape(batch, length, self.num_query_heads * self.head_dim)

@@ -24,6 +24,7 @@ from lowbit.model.attention import Attention
 from lowbit.model.config import ModelConfig
 from lowbit.model.layers import MlpBlock, RMSNorm, projection
 from lowbit.model.moe import MoeBlock
+from lowbit.model.sharding import constrain_batch
 
 # nnx.List exists from flax 0.12; older versions hold a plain list of modules as graph nodes.
 _ModuleList = getattr(nnx, "List", list)
@@ -69,6 +70,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MlpBlock(cfg.emb_dim, cfg.mlp_dim, dtype=dtype, init_scale=cfg.init_scale, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x = constrain_batch(x)  # the residual stream stays split by batch under FSDP
         x = x + self.attention(self.pre_attention_norm(x), positions)
         hidden = self.post_attention_norm(x)
         if self.is_moe:
