@@ -10,6 +10,7 @@
 #   tools/device_next.sh profile   the moe-1.8b fp8 step's kernels with their HLO source (cuDNN attention)
 #   tools/device_next.sh multi     issue 4 on nvidia-h200-x2: the small config trained on two GPUs (fsdp=2, then
 #                                  a resume, nvfp4, one GPU for scale, data=2 and expert=2 meshes)
+#   tools/device_next.sh multi2    nvidia-h200-x2: step_gap on one GPU and fsdp=2 at batch 32 and 128
 # Modes that docs/ cite from earlier sessions (kernels, perf, fp8acc, finish-study, ...) are in git history.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -55,5 +56,13 @@ case "$1" in
     train bf16-expert2 90 python3 -m lowbit.train --recipe bf16 --steps 200 ici_fsdp=1 ici_expert=2
     train bf16-data2 90 python3 -m lowbit.train --recipe bf16 --steps 200 ici_fsdp=1 ici_data=2
     ;;
-  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi" >&2; exit 2 ;;
+  multi2)  # why two GPUs gave no more tokens/s than one at batch 32: device step vs the loop, two batch sizes
+    for b in 32 128; do
+      run timeout 110 env CUDA_VISIBLE_DEVICES=0 python3 tools/step_gap.py --config small --recipe bf16 --steps 20 \
+        --train-steps 0 global_batch_size=$b
+      run timeout 110 python3 tools/step_gap.py --config small --recipe bf16 --steps 20 --train-steps 0 \
+        global_batch_size=$b ici_fsdp=2
+    done
+    ;;
+  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2" >&2; exit 2 ;;
 esac
