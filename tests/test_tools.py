@@ -53,6 +53,9 @@ def test_hlo_sources_names_fusions_tuples_and_custom_calls(tmp_path):
     ("input_reduce_fusion_185", "reduction fusions"),
     ("loop_convert_fusion_14", "other XLA fusions"),
     ("some_unknown_kernel", "other"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collectives (NCCL)"),
+    ("ncclDevKernel_AllGather_RING_LL", "collectives (NCCL)"),
+    ("all-reduce-start_3", "collectives (NCCL)"),
 ])
 def test_kernel_categories(name, category):
     assert STEP_GAP["kernel_categories"]([(name, 2.0, 1)]) == [(category, 2.0)]
