@@ -11,6 +11,7 @@
 #   tools/device_next.sh multi     issue 4 on nvidia-h200-x2: the small config trained on two GPUs (fsdp=2, then
 #                                  a resume, nvfp4, one GPU for scale, data=2 and expert=2 meshes)
 #   tools/device_next.sh multi2    nvidia-h200-x2: step_gap on one GPU and fsdp=2 at batch 32 and 128
+#   tools/device_next.sh multi3    nvidia-h200-x2: the fsdp=2 step's kernels, and a dense model on 1 and 2 GPUs
 # Modes that docs/ cite from earlier sessions (kernels, perf, fp8acc, finish-study, ...) are in git history.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -64,5 +65,12 @@ case "$1" in
         global_batch_size=$b ici_fsdp=2
     done
     ;;
-  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2" >&2; exit 2 ;;
+  multi3)  # where fsdp=2's step goes (54.5 ms vs 58.3 on one GPU at batch 128), and a dense model for contrast
+    run timeout 120 python3 tools/step_gap.py --config small --recipe bf16 --steps 10 --train-steps 0 \
+      global_batch_size=128 ici_fsdp=2 --trace /tmp/tr_fsdp2 --top 30 --kernels-tsv "$out/kernels_small_fsdp2.tsv"
+    dense="--config small --recipe bf16 --steps 10 --train-steps 0 global_batch_size=128 num_experts=0"
+    run timeout 90 env CUDA_VISIBLE_DEVICES=0 python3 tools/step_gap.py $dense
+    run timeout 90 python3 tools/step_gap.py $dense ici_fsdp=2
+    ;;
+  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2|multi3" >&2; exit 2 ;;
 esac

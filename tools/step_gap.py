@@ -75,7 +75,7 @@ def trace_events(trace_dir: Path) -> dict[str, list[tuple[str, float, int]]]:
 # GPU kernel name patterns (checked in order) -> category: what share of a step each kind of work takes.
 KERNEL_CATEGORIES = (
     # NCCL's kernels (ncclDevKernel_ReduceScatter_...) before "reduce" and "copy" below claim them
-    ("collectives (NCCL)", re.compile(r"nccl|all[_-]?gather|all[_-]?reduce|reduce[_-]?scatter|all[_-]?to[_-]?all", re.I)),
+    ("collectives (NCCL)", re.compile(r"nccl|all[_-]?(gather|reduce|to[_-]?all)|reduce[_-]?scatter", re.I)),
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
     # splitKreduce / gemv: cuBLAS's own, before "reduce" below claims them
     ("gemm (cuBLAS / XLA Triton GEMM)", re.compile(r"nvjet|xmma|cutlass|gemm|gemv|splitKreduce|cublas|\bdot",
