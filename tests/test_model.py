@@ -397,25 +397,28 @@ def test_full_model_dropless_and_other_moe_impl_agree_in_value_and_grad(other):
 
 
 def test_capacity_drops_beyond_capacity_and_dropped_slots_output_zero():
+    """Capacity applies per sequence (routing group): each of two sequences queues on its own."""
     cfg = f32_tiny(moe_impl="capacity", capacity_factor=0.25, emb_dim=16, moe_mlp_dim=8,
                    num_experts=4, num_experts_per_tok=2)
     block = MoeBlock(cfg, rngs=nnx.Rngs(16))
-    x = jax.random.normal(jax.random.key(17), (32, 16), jnp.float32)
+    x = jax.random.normal(jax.random.key(17), (2, 32, 16), jnp.float32)
     capacity = expert_capacity(32, cfg)
     assert capacity == math.ceil(32 * 2 / 4 * 0.25) == 4
-    _, expert_index, _ = route(block.router(x), 2, True)
+    _, expert_index, _ = route(block.router(x.reshape(64, 16)), 2, True)
+    expert_index = expert_index.reshape(2, 32, 2)
     y_slots, kept = nnx.jit(capacity_dispatch, static_argnums=3)(block.experts, x, expert_index, capacity)
-    want_kept = np_capacity_kept(np.asarray(expert_index), 4, capacity)
+    want_kept = np.stack([np_capacity_kept(np.asarray(expert_index[g]), 4, capacity) for g in range(2)])
     np.testing.assert_array_equal(kept, want_kept)
-    assert int(want_kept.sum()) <= 4 * capacity and not want_kept.all()
+    for g in range(2):
+        assert int(want_kept[g].sum()) <= 4 * capacity and not want_kept[g].all()
     np.testing.assert_array_equal(np.asarray(y_slots)[~want_kept], 0.0)
     _, wi_0, wi_1, wo = moe_params(block)
     xs = np64(x)
-    for n, j in zip(*np.nonzero(want_kept), strict=True):
-        e = int(expert_index[n, j])
-        expert_out = (np_silu(xs[n] @ wi_0[e]) * (xs[n] @ wi_1[e])) @ wo[e]
-        np.testing.assert_allclose(y_slots[n, j], expert_out, rtol=1e-5, atol=1e-5)
-    _, stats = nnx.jit(lambda b, x: b(x))(block, x[None])
+    for g, n, j in zip(*np.nonzero(want_kept), strict=True):
+        e = int(expert_index[g, n, j])
+        expert_out = (np_silu(xs[g, n] @ wi_0[e]) * (xs[g, n] @ wi_1[e])) @ wo[e]
+        np.testing.assert_allclose(y_slots[g, n, j], expert_out, rtol=1e-5, atol=1e-5)
+    _, stats = nnx.jit(lambda b, x: b(x))(block, x)
     np.testing.assert_allclose(stats["dropped_fraction"], 1.0 - want_kept.mean(), rtol=1e-6)
     assert float(stats["dropped_fraction"]) > 0
 

@@ -2,9 +2,10 @@
 
 * dropless (`moe_impl="dropless"`): token slots sorted by expert, three grouped GEMMs through
   `MoeExperts.ragged_dot(x_sorted[T*k, K], w[E, K, N], group_sizes[E])`; nothing is dropped.
-* capacity (`moe_impl="capacity"`): slots scattered into an [E, C, K] buffer with
-  C = ceil(T * k / E * capacity_factor), batched GEMMs through `MoeExperts.dot_general` over the
-  expert batch axis; slots beyond an expert's capacity are dropped (zero expert output).
+* capacity (`moe_impl="capacity"`): each sequence's slots scattered into an [E, C, K] buffer with
+  C = ceil(T * k / E * capacity_factor) for its T tokens (MaxText's per-sequence capacity), batched
+  GEMMs through `MoeExperts.dot_general` over the expert batch axis on all sequences' buffers; slots
+  beyond an expert's capacity in their sequence are dropped (zero expert output).
 * pallas (`moe_impl="pallas"`): dropless, with the unquantized ragged_dot hook set to
   lowbit.kernels.grouped_pallas.grouped_matmul (one kernel launch); a hook that quantize_model
   swapped in (an nnx.Module) is called with impl="pallas", so quantized GEMMs run on it too.
@@ -155,22 +156,33 @@ def capacity_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
 
 def capacity_dispatch(experts: MoeExperts, x: jax.Array, expert_index: jax.Array,
                       capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Scatter slots into [E, C, emb], batched GEMMs, gather back.
+    """Per routing group: scatter slots into [E, C, emb]; one batched GEMM per expert over all groups.
 
-    Returns (per-slot outputs [N, k, emb], zero for dropped slots; kept bool[N, k]).
+    x [G, N, emb], expert_index [G, N, k]: a group is a sequence, and capacity C applies per group
+    (MaxText's rule), so under data/FSDP sharding a device dispatches only the rows it holds.
+    Returns (per-slot outputs [G, N, k, emb], zero for dropped slots; kept bool[G, N, k]).
     """
-    num_tokens, k = expert_index.shape
-    position = capacity_positions(expert_index, experts.num_experts)  # [k, N]
+    groups, num_tokens, k = expert_index.shape
+    num_experts, emb = experts.num_experts, x.shape[-1]
+    position = jax.vmap(capacity_positions, in_axes=(0, None))(expert_index, num_experts)  # [G, k, N]
     kept = position < capacity
-    slot_position = jnp.where(kept, position, capacity).reshape(-1)  # out of bounds -> dropped
-    slot_expert = expert_index.T.reshape(-1)
+    slot_position = jnp.where(kept, position, capacity).reshape(groups, -1)  # out of bounds -> dropped
+    slot_expert = expert_index.transpose(0, 2, 1).reshape(groups, -1)
     slot_token = jnp.tile(jnp.arange(num_tokens), k)
-    # Zero-filled buffer: empty rows hold zeros, never stale values (MaxText PR #4971).
-    buffer = jnp.zeros((experts.num_experts, capacity, x.shape[-1]), experts.dtype)
-    buffer = buffer.at[slot_expert, slot_position].set(x[slot_token].astype(experts.dtype), mode="drop")
-    y_buffer = experts.batched(buffer)
-    y_slots = y_buffer.at[slot_expert, slot_position].get(mode="fill", fill_value=0)
-    return y_slots.reshape(k, num_tokens, -1).transpose(1, 0, 2), kept.T
+
+    def scatter(x_group, expert, position):
+        # Zero-filled buffer: empty rows hold zeros, never stale values (MaxText PR #4971).
+        buffer = jnp.zeros((num_experts, capacity, emb), experts.dtype)
+        return buffer.at[expert, position].set(x_group[slot_token].astype(experts.dtype), mode="drop")
+
+    def gather(y_group, expert, position):
+        return y_group.at[expert, position].get(mode="fill", fill_value=0)
+
+    buffer = jax.vmap(scatter)(x, slot_expert, slot_position)  # [G, E, C, emb]
+    stacked = buffer.transpose(1, 0, 2, 3).reshape(num_experts, groups * capacity, emb)
+    y_buffer = experts.batched(stacked).reshape(num_experts, groups, capacity, -1).transpose(1, 0, 2, 3)
+    y_slots = jax.vmap(gather)(y_buffer, slot_expert, slot_position)  # [G, k*N, emb]
+    return y_slots.reshape(groups, k, num_tokens, -1).transpose(0, 2, 1, 3), kept.transpose(0, 2, 1)
 
 
 class MoeBlock(nnx.Module):
@@ -205,8 +217,10 @@ class MoeBlock(nnx.Module):
             y_slots = dropless_dispatch(self.experts, tokens, expert_index)
             dropped_fraction = jnp.zeros((), jnp.float32)
         else:
-            capacity = expert_capacity(batch * length, cfg)
-            y_slots, kept = capacity_dispatch(self.experts, tokens, expert_index, capacity)
+            capacity = expert_capacity(length, cfg)  # per sequence
+            k = cfg.num_experts_per_tok
+            y_slots, kept = capacity_dispatch(self.experts, x, expert_index.reshape(batch, length, k), capacity)
+            y_slots = y_slots.reshape(batch * length, k, -1)
             # Count dropped slots (exact integer sum) rather than 1 - mean(kept), which rounds.
             dropped_fraction = jnp.sum(~kept).astype(jnp.float32) / kept.size
         y = jnp.einsum("nk,nkd->nd", gates, y_slots.astype(jnp.float32)).astype(x.dtype)
