@@ -72,5 +72,17 @@ case "$1" in
     run timeout 90 env CUDA_VISIBLE_DEVICES=0 python3 tools/step_gap.py $dense
     run timeout 90 python3 tools/step_gap.py $dense ici_fsdp=2
     ;;
-  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2|multi3" >&2; exit 2 ;;
+  multi4)  # after the per-sequence MoE dispatch: one GPU vs fsdp=2 vs data=2, then issue 4's run again
+    for b in 128 32; do
+      run timeout 80 env CUDA_VISIBLE_DEVICES=0 python3 tools/step_gap.py --config small --steps 10 --train-steps 0 \
+        global_batch_size=$b
+      for mesh in ici_fsdp=2 "ici_fsdp=1 ici_data=2"; do
+        run timeout 80 python3 tools/step_gap.py --config small --steps 10 --train-steps 0 global_batch_size=$b $mesh
+      done
+    done
+    w=/tmp/runs; mkdir -p $w
+    run timeout 120 python3 -m lowbit.train --recipe bf16 --config small --steps 200 --workdir $w/bf16-fsdp2
+    tar czf "$out/runs.tgz" --exclude=checkpoints -C "$w" .
+    ;;
+  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2|multi3|multi4" >&2; exit 2 ;;
 esac

@@ -219,7 +219,8 @@ class MoeBlock(nnx.Module):
         else:
             capacity = expert_capacity(length, cfg)  # per sequence
             k = cfg.num_experts_per_tok
-            y_slots, kept = capacity_dispatch(self.experts, x, expert_index.reshape(batch, length, k), capacity)
+            per_sequence = expert_index.reshape(batch, length, k)
+            y_slots, kept = capacity_dispatch(self.experts, x, per_sequence, capacity)
             y_slots = y_slots.reshape(batch * length, k, -1)
             # Count dropped slots (exact integer sum) rather than 1 - mean(kept), which rounds.
             dropped_fraction = jnp.sum(~kept).astype(jnp.float32) / kept.size
