@@ -7,6 +7,10 @@ weights, and differently from each other on two H200s; cuDNN attention's partiti
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +23,7 @@ import lowbit
 from lowbit import train
 from lowbit.bench_step import step_batch
 from lowbit.config import load_config
-from lowbit.model import attention
+from lowbit.model import MoeBlock, attention, expert_capacity, get_model_config
 from lowbit.model.sharding import batch_axes, constrain_batch
 
 
@@ -95,3 +99,35 @@ def test_train_step_splits_q_k_v_alike_by_batch(mesh_overrides, monkeypatch):
     assert len(seen) == 3 * config.model.num_decoder_layers
     want = NamedSharding(mesh, P(axes))
     assert all(s.is_equivalent_to(want, 4) for _, s in seen), seen
+
+
+def _collective_elements(hlo: str) -> int:
+    """Elements moved by a compiled module's collectives (from their result shapes in its text)."""
+    total = 0
+    ops = r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
+    for shape in re.findall(rf"= (\S+) (?:{ops})(?:-start)?\(", hlo):
+        for dims in re.findall(r"\w+\[([\d,]*)\]", shape):
+            total += math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def test_capacity_dispatch_stays_on_each_devices_rows():
+    """Batch split over fsdp=2, weights replicated: the MoE's forward and backward move almost nothing
+    between devices. The global capacity queue it replaced moved 1.7x a whole [E, C, emb] buffer
+    here (all-reduce + all-gather; 24 all-reduces per step on two H200s, docs/benchmarks.md)."""
+    cfg = dataclasses.replace(get_model_config("tiny"), moe_impl="capacity", dtype="float32")
+    block = MoeBlock(cfg, rngs=nnx.Rngs(0))
+    batch, length = 8, 64
+    x = jax.random.normal(jax.random.key(1), (batch, length, cfg.emb_dim), jnp.float32)
+    mesh = mesh_of(1, 2, 1)
+
+    def loss(block, x):
+        y, stats = block(x)
+        return jnp.sum(y ** 2) + stats["lb_loss"]
+
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, NamedSharding(mesh, P("fsdp")))
+        hlo = nnx.jit(nnx.grad(loss)).lower(block, x).compile().as_text()
+    buffer = cfg.num_experts * batch * expert_capacity(length, cfg) * cfg.emb_dim
+    moved = _collective_elements(hlo)
+    assert moved < buffer // 20, (moved, buffer)
