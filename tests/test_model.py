@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import lowbit
 from lowbit.model import (
     PRESETS,
     Attention,
@@ -421,6 +422,22 @@ def test_capacity_drops_beyond_capacity_and_dropped_slots_output_zero():
     _, stats = nnx.jit(lambda b, x: b(x))(block, x)
     np.testing.assert_allclose(stats["dropped_fraction"], 1.0 - want_kept.mean(), rtol=1e-6)
     assert float(stats["dropped_fraction"]) > 0
+
+
+def test_capacity_slots_not_a_multiple_of_a_recipe_block_are_padded():
+    """3 sequences x C=27 = 81 slots per expert: nvfp4's wgrad Hadamard (16-wide, along the slots)
+    needs a multiple of 16; the zero rows padded up to SLOT_ALIGN change nothing (float64 check in
+    the test above, whose 2 x 4 slots are padded too)."""
+    cfg = f32_tiny(moe_impl="capacity", num_experts=3, max_target_length=32)
+    assert 3 * expert_capacity(32, cfg) == 81
+    rngs = nnx.Rngs(params=0, quant=1)
+    block = MoeBlock(cfg, rngs=rngs)
+    lowbit.quantize_model(block, "nvfp4", rngs=rngs)
+    x = jax.random.normal(jax.random.key(1), (3, 32, cfg.emb_dim), jnp.float32)
+    grads = nnx.jit(nnx.grad(lambda b, x: jnp.mean(b(x)[0] ** 2)))(block, x)
+    expert_grads = jax.tree.leaves(nnx.state(grads.experts))
+    assert expert_grads and all(bool(jnp.all(jnp.isfinite(g))) for g in expert_grads)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in expert_grads)
 
 
 def test_load_balance_loss_uniform_is_one_and_skewed_is_larger():

@@ -12,6 +12,7 @@
 #                                  a resume, nvfp4, one GPU for scale, data=2 and expert=2 meshes)
 #   tools/device_next.sh multi2    nvidia-h200-x2: step_gap on one GPU and fsdp=2 at batch 32 and 128
 #   tools/device_next.sh multi3    nvidia-h200-x2: the fsdp=2 step's kernels, and a dense model on 1 and 2 GPUs
+#   tools/device_next.sh multi4    nvidia-h200-x2: one GPU vs fsdp=2 vs data=2 after the per-sequence dispatch
 # Modes that docs/ cite from earlier sessions (kernels, perf, fp8acc, finish-study, ...) are in git history.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"

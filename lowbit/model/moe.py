@@ -29,6 +29,9 @@ from lowbit.model.layers import MlpBlock, kernel_init
 
 # dot_general dimension numbers of the capacity path: [E, C, K] x [E, K, N] -> [E, C, N].
 EXPERT_BATCHED_DIMS = (((2,), (1,)), ((0,), (0,)))
+# The capacity path's slot axis (the expert weight gradient's contraction) is padded to a multiple of
+# this: the widest block a recipe quantizes along it (mxfp4's 64-wide random Hadamard transform).
+SLOT_ALIGN = 64
 
 
 # routing and auxiliary losses (pure functions) ----------------------------------------------
@@ -180,7 +183,10 @@ def capacity_dispatch(experts: MoeExperts, x: jax.Array, expert_index: jax.Array
 
     buffer = jax.vmap(scatter)(x, slot_expert, slot_position)  # [G, E, C, emb]
     stacked = buffer.transpose(1, 0, 2, 3).reshape(num_experts, groups * capacity, emb)
-    y_buffer = experts.batched(stacked).reshape(num_experts, groups, capacity, -1).transpose(1, 0, 2, 3)
+    # Zero slot rows up to a multiple of SLOT_ALIGN: they add nothing to outputs or gradients.
+    pad = -(groups * capacity) % SLOT_ALIGN
+    y_stacked = experts.batched(jnp.pad(stacked, ((0, 0), (0, pad), (0, 0))))[:, :groups * capacity]
+    y_buffer = y_stacked.reshape(num_experts, groups, capacity, -1).transpose(1, 0, 2, 3)
     y_slots = jax.vmap(gather)(y_buffer, slot_expert, slot_position)  # [G, k*N, emb]
     return y_slots.reshape(groups, k, num_tokens, -1).transpose(0, 2, 1, 3), kept.transpose(0, 2, 1)
 

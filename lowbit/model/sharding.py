@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp", "expert")  # expert parallelism is data parallelism outside the MoE
@@ -20,8 +21,9 @@ def batch_axes() -> tuple[str, ...]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    manual = set(getattr(mesh, "manual_axes", ()))
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
+    # Manual axes (inside shard_map) and Explicit ones (sharding in types) are the user's to manage.
+    auto = {a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == AxisType.Auto}
+    return tuple(a for a in BATCH_AXES if a in auto and mesh.shape[a] > 1)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
