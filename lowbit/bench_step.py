@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,13 @@ def load_step_config(name: str, extra: Sequence[str] = ()) -> Any:
         raise ValueError(f"unknown step config {name!r}; choose one of {sorted(STEP_CONFIGS)}")
     base, overrides = STEP_CONFIGS[name]
     return load_config(base, [*overrides, *extra])
+
+
+def peak_device_bytes(devices: Iterable[Any]) -> int | None:
+    """The largest peak_bytes_in_use over the step's devices (None where no device reports it: CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
 
 
 def _memory_analysis(compiled: Any) -> dict[str, int]:
@@ -125,12 +132,12 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_per_step = batch_size * length
-    stats = jax.devices()[0].memory_stats() or {}
+    peak = peak_device_bytes(mesh.devices.flat)
     row = {"ms": step_s * 1e3, "min_ms": min(times) * 1e3, "tokens_per_s": tokens_per_step / step_s,
            "model_tflops": 3 * flops_per_token(config.model) * tokens_per_step / step_s / 1e12,
            "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]),
            "backends": sorted({train.with_backend(recipe, backend).backend}),
-           "peak_gb": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+           "peak_gb": None if peak is None else peak / 2**30, "devices": mesh.size,
            "tokens_per_step": tokens_per_step, "moe_impl": config.model.moe_impl,
            "attention": config_attention_impl(config.model)}
     analysis = _memory_analysis(compiled)
@@ -199,8 +206,8 @@ def bench_step(args: argparse.Namespace) -> Runner:
     return runner
 
 
-STEP_COLUMNS = ("config", "recipe", "moe_impl", "attention", "ms", "tokens_per_s", "model_tflops", "ratio",
-                "peak_gb", "compiled_gb", "compile_s", "loss", "status", "error")
+STEP_COLUMNS = ("config", "recipe", "devices", "moe_impl", "attention", "ms", "tokens_per_s", "model_tflops",
+                "ratio", "peak_gb", "compiled_gb", "compile_s", "loss", "status", "error")
 
 
 # ----------------------------------------------------------------------------- roofline

@@ -164,6 +164,22 @@ def test_step_tiny_rows(tmp_path):
     assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["ratio"] == 1.0
     assert row["temp_size_in_bytes"] >= 0 and np.isfinite(row["loss"])
     assert (row["moe_impl"], row["attention"]) == ("dropless", "xla")  # tiny's MoE path; auto on a CPU
+    assert row["devices"] == 1 and row["peak_gb"] is None  # the CPU reports no peak memory
+
+
+class _FakeDevice:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_step_peak_memory_is_the_largest_over_the_steps_devices():
+    devices = [_FakeDevice({"peak_bytes_in_use": 5}), _FakeDevice(None),
+               _FakeDevice({"peak_bytes_in_use": 9})]
+    assert bench_step.peak_device_bytes(devices) == 9
+    assert bench_step.peak_device_bytes([_FakeDevice(None), _FakeDevice({})]) is None
 
 
 def test_blackwell_aot_cpu_says_it_needs_cuda():
