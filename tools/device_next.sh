@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU work left open after the fifth 2026-11-23 session, one device call (<= 10 min) per mode.
+# The GPU work left open after the sixth 2026-11-23 session, one device call (<= 10 min) per mode.
 # Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
-#   tools/device_next.sh steps     bench step moe-1.8b for every recipe with cuDNN attention (attention_impl
-#                                  auto, the default since the fifth session; only bf16/fp8 measured with it)
-#   tools/device_next.sh steps4    the same for nvfp4 and mxfp4 (their compiles take 1-2 min each)
-#   tools/device_next.sh big       moe-2.8b (sized for 80 GB from parameter counts, never run) bf16 and fp8
+# Done in the sixth session: moe-1.8b bf16/nvfp4/mxfp8 (the modes below ran as one command), moe-2.8b bf16/fp8
+# (`big`), and issue 4's two-GPU runs (`multi`..`multi4`, nvidia-h200-x2).
+#   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
+#                                  capacity (fp8 last measured with global capacity)
+#   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4 (mxfp4 never measured at moe-1.8b)
+#   tools/device_next.sh big       moe-2.8b bf16 and fp8 (sixth session: fp8 1.05x bf16)
 #   tools/device_next.sh fp8pallas the FP8 Pallas grouped GEMM now promotes every 128 K (1.74-1.90x faster):
 #                                  its tile sweep at that setting, then the fp8 step with moe_impl=pallas
 #   tools/device_next.sh profile   the moe-1.8b fp8 step's kernels with their HLO source (cuDNN attention)
