@@ -179,10 +179,11 @@ def set_ratio(row: dict[str, Any], baseline: dict[str, Any] | None, key: str = "
         row["ratio"] = row[key] / baseline[key]
 
 
-def per_tensor_e4m3(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x / s as E4M3, s) with s = amax / 448: per-tensor current scaling."""
-    scale = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-30) / 448.0
-    return (x.astype(jnp.float32) / scale).astype(E4M3), scale
+def per_tensor_fp8(x: jax.Array, dtype: Any = E4M3) -> tuple[jax.Array, jax.Array]:
+    """(x / s as `dtype`, s) with s = amax / max(dtype) (448 for E4M3, 57344 for E5M2): per-tensor current
+    scaling."""
+    scale = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-30) / float(jnp.finfo(dtype).max)
+    return (x.astype(jnp.float32) / scale).astype(dtype), scale
 
 
 def parse_list(text: str) -> list[str]:
@@ -250,10 +251,7 @@ def fwd_bwd_fn(recipe_name: str, backend: str) -> Callable:
 
 def fp8_gemm_operands(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
     """x, w, w^T, dy, dy^T, x^T per-tensor quantized (E4M3; dy E5M2), each with its contraction dim last."""
-    def e5m2(a):
-        scale = jnp.maximum(jnp.max(jnp.abs(a)).astype(jnp.float32), 1e-30) / 57344.0
-        return (a.astype(jnp.float32) / scale).astype(jnp.float8_e5m2)
-    x8, w8, dy8 = per_tensor_e4m3(x)[0], per_tensor_e4m3(w)[0], e5m2(dy)
+    x8, w8, dy8 = per_tensor_fp8(x)[0], per_tensor_fp8(w)[0], per_tensor_fp8(dy, jnp.float8_e5m2)[0]
     return tuple(jax.block_until_ready(a) for a in (x8, w8, w8.T.copy(), dy8, dy8.T.copy(), x8.T.copy()))
 
 
@@ -305,7 +303,7 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
             set_ratio(row, baseline)
         # Forward-only reference rows, as a ratio to BF16 forward.
         fwd_base = None
-        quantized = [(per_tensor_e4m3(x)[0], per_tensor_e4m3(w)[0]) for x, w in zip(xs, ws, strict=True)]
+        quantized = [(per_tensor_fp8(x)[0], per_tensor_fp8(w)[0]) for x, w in zip(xs, ws, strict=True)]
         ref_fns = {
             "bf16": ("ref bf16 fwd (TN)", lambda x, w: lax.dot_general(x, w, TN, preferred_element_type=BF16),
                      [(x, w) for x, w in zip(xs, ws, strict=True)]),
@@ -491,8 +489,8 @@ def bench_grouped(args: argparse.Namespace) -> Runner:
             layouts = {"ekn": w_ekn, "enk": [jnp.swapaxes(w, 1, 2) for w in w_ekn],
                        "nk": [w[0].T for w in w_ekn]}
             if fp8:
-                xs_in = [per_tensor_e4m3(x)[0] for x in xs]
-                layouts = {name: [per_tensor_e4m3(w)[0] for w in ws] for name, ws in layouts.items()}
+                xs_in = [per_tensor_fp8(x)[0] for x in xs]
+                layouts = {name: [per_tensor_fp8(w)[0] for w in ws] for name, ws in layouts.items()}
             else:
                 xs_in = xs
             reference = None

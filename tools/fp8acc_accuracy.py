@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowbit.bench_gemm import per_tensor_e4m3
+from lowbit.bench_gemm import per_tensor_fp8
 from lowbit.kernels import triton_fp8_acc
 from lowbit.kernels.grouped_pallas import grouped_matmul
 
@@ -50,8 +50,8 @@ def main() -> None:
         if sizes[3] < 0:  # M < 38: a negative group size would make grouped_matmul read garbage
             p.error(f"--shapes {shape}: M too small for 4 uneven groups and 8 rows in none; use M >= 64")
         keys = jax.random.split(jax.random.key(m + k + n), 2)
-        x8 = per_tensor_e4m3(jax.random.normal(keys[0], (m, k), jnp.float32))[0]
-        w8 = per_tensor_e4m3(jax.random.normal(keys[1], (4, n, k), jnp.float32) / np.sqrt(k))[0]
+        x8 = per_tensor_fp8(jax.random.normal(keys[0], (m, k), jnp.float32))[0]
+        w8 = per_tensor_fp8(jax.random.normal(keys[1], (4, n, k), jnp.float32) / np.sqrt(k))[0]
         x64, w64 = np.asarray(x8, np.float64), np.asarray(w8, np.float64)
         ends = np.cumsum(sizes)
         ref = np.zeros((m, n))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit.bench_gemm import GROUPED_CONFIGS, GROUPED_TOKENS, measure, per_tensor_e4m3, zipf_group_sizes
+from lowbit.bench_gemm import GROUPED_CONFIGS, GROUPED_TOKENS, measure, per_tensor_fp8, zipf_group_sizes
 from lowbit.kernels import triton_fp8_acc
 from lowbit.kernels.grouped_pallas import grouped_matmul, grouped_wgrad
 
@@ -80,7 +80,7 @@ def main() -> None:
             "wgrad": (lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                                                    preferred_element_type=BF16), (x, dy)),
         }
-        x8, w8 = per_tensor_e4m3(x)[0], per_tensor_e4m3(jnp.swapaxes(w, 1, 2))[0]
+        x8, w8 = per_tensor_fp8(x)[0], per_tensor_fp8(jnp.swapaxes(w, 1, 2))[0]
         dense["fp8-fprop"] = (lambda a, b: lax.dot_general(a, b, TN, preferred_element_type=BF16),
                               (x8, w8[0]))
         for kernel in args.kernels.split(","):
