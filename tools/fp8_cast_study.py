@@ -69,14 +69,19 @@ def parity() -> dict:
     return out
 
 
-def run_variant(args: argparse.Namespace) -> list[dict]:
+def emit(row: dict) -> None:
+    """One result line for the parent (which keeps every line printed before a failure)."""
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def run_variant(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
     import lowbit
     from lowbit.bench_gemm import fp8_gemm_operands, fp8_gemms_only, fwd_bwd_fn, measure, time_calls
     apply_variant(args.variant)
-    rows, bf16 = [], jnp.bfloat16
+    bf16 = jnp.bfloat16
     base = {"variant": args.variant}
 
     rows_q, cols_q = (16384, 4096) if args.size == "full" else (256, 512)
@@ -84,7 +89,7 @@ def run_variant(args: argparse.Namespace) -> list[dict]:
     copy = time_calls(jax.jit(lambda a: a * 1).lower(x).compile(), [(x,)], args.iters)["ms"]
     quantize = jax.jit(lambda a: lowbit.quantize(a, "fp8")).lower(x).compile()
     quant = time_calls(quantize, [(x,)], args.iters)["ms"]
-    rows.append({**base, "row": f"quantize fp8 {rows_q}x{cols_q} bf16", "ms": quant, "copy_ms": copy,
+    emit({**base, "row": f"quantize fp8 {rows_q}x{cols_q} bf16", "ms": quant, "copy_ms": copy,
                  "of_copy": (copy * 1.5) / quant})  # bytes: read 2 B, write 1 B per element; copy 2 + 2
 
     m, k, n = (16384, 4096, 14336) if args.size == "full" else (256, 128, 192)
@@ -100,7 +105,7 @@ def run_variant(args: argparse.Namespace) -> list[dict]:
         timed[recipe] = measure(fn, step_args, flops, args.iters)
     floor = measure(fp8_gemms_only, [fp8_gemm_operands(x, w, dy)], flops, args.iters)
     bf16_ms, fp8_ms = timed["bf16"]["ms"], timed["fp8"]["ms"]
-    rows.append({**base, "row": f"linear fwd+bwd {m}x{k}x{n}", "bf16_ms": bf16_ms, "ms": fp8_ms,
+    emit({**base, "row": f"linear fwd+bwd {m}x{k}x{n}", "bf16_ms": bf16_ms, "ms": fp8_ms,
                  "floor_ms": floor["ms"], "vs_bf16": bf16_ms / fp8_ms,
                  "quant_share": (fp8_ms - floor["ms"]) / floor["ms"]})
 
@@ -116,35 +121,53 @@ def run_variant(args: argparse.Namespace) -> list[dict]:
             return (y, *pull(dy))
         timed[recipe] = measure(f, [(a, b, w, dy)], flops, args.iters)
     bf16_ms, fp8_ms = timed["bf16"]["ms"], timed["fp8"]["ms"]
-    rows.append({**base, "row": "swiglu -> linear fwd+bwd", "bf16_ms": bf16_ms, "ms": fp8_ms,
+    emit({**base, "row": "swiglu -> linear fwd+bwd", "bf16_ms": bf16_ms, "ms": fp8_ms,
                  "vs_bf16": bf16_ms / fp8_ms})
 
-    if args.step_config:
-        from lowbit.bench_step import measure_step
-        for recipe in (["bf16"] if args.step_bf16 else []) + ["fp8"]:
-            r = measure_step(args.step_config, recipe, args.step_steps)
-            rows.append({**base, "row": f"step {args.step_config} {recipe}", "ms": r["ms"],
-                         "compile_s": r["compile_s"], "peak_gb": r.get("peak_gb")})
-    return rows
+
+def run_step(args: argparse.Namespace, recipe: str) -> None:
+    from lowbit.bench_step import measure_step
+    apply_variant(args.variant)
+    r = measure_step(args.step_config, recipe, args.step_steps)
+    emit({"variant": args.variant, "row": f"step {args.step_config} {recipe}", "ms": r["ms"],
+          "compile_s": r["compile_s"], "peak_gb": r.get("peak_gb")})
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--variant", default="", help=argparse.SUPPRESS)  # one variant, in this process
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="tiny: a CPU smoke run")
     p.add_argument("--step-config", default="")
     p.add_argument("--step-steps", type=int, default=8)
+    p.add_argument("--step-variants", default="", help="variants whose step is timed (default: --variants)")
     p.add_argument("--step-bf16", action="store_true", help="also time the bf16 step (once, first variant)")
     p.add_argument("--json", default="")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # parity | micro | step:<recipe>
+    p.add_argument("--variant", default="convert", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args)))
+    if args.child == "parity":
+        for k, v in parity().items():
+            emit({"variant": "-", "row": f"parity: {k}", "mismatches": v})
         return 0
+    if args.child == "micro":
+        run_variant(args)
+        return 0
+    if args.child.startswith("step:"):
+        run_step(args, args.child.split(":", 1)[1])
+        return 0
+
     rows: list[dict] = []
 
-    def report(new: list[dict]) -> None:  # print and save as each variant finishes (device time limits)
+    def child(what: str, variant: str = "convert") -> None:
+        """Every measurement in a fresh process: no jit cache or GPU memory carried between them."""
+        cmd = [sys.executable, __file__, "--child", what, "--variant", variant, "--iters", str(args.iters),
+               "--size", args.size, "--step-config", args.step_config, "--step-steps", str(args.step_steps)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        new = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            new.append({"variant": variant, "row": f"{what} failed", "error": done.stderr[-1500:]})
         rows.extend(new)
         for r in new:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
@@ -153,18 +176,15 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
 
-    report([{"variant": "-", "row": f"parity: {k}", "mismatches": v} for k, v in parity().items()])
-    for i, variant in enumerate(v for v in args.variants.split(",") if v):
-        cmd = [sys.executable, __file__, "--variant", variant, "--iters", str(args.iters),
-               "--size", args.size, "--step-config", args.step_config, "--step-steps", str(args.step_steps)]
-        if args.step_bf16 and i == 0:
-            cmd.append("--step-bf16")
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            print(done.stderr[-2000:], file=sys.stderr)
-            report([{"variant": variant, "row": "failed", "error": done.stderr[-2000:]}])
-            continue
-        report(json.loads(done.stdout.strip().splitlines()[-1]))
+    child("parity")
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        child("micro", variant)
+    if args.step_config:
+        if args.step_bf16:
+            child("step:bf16")
+        for variant in [v for v in args.step_variants.split(",") if v] or variants:
+            child("step:fp8", variant)
     return 0
 
 
