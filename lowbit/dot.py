@@ -68,22 +68,16 @@ def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tu
         return a
     if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         a = a.astype(jnp.float32)
-    if _needs_barrier(cfg):
-        a = lax.optimization_barrier(a)
+    # Materialise transposed views before quantizing: XLA fused the transpose into the quantize
+    # and read along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead
+    # of 12.5 ms (tools/profile_emulate.py, docs/benchmarks.md). A no-op for contiguous inputs.
+    a = lax.optimization_barrier(a)
     # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
     # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
     # else lowbit.quantize's XLA ops.
     return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
                     key=key if cfg.rounding == "stochastic" else None,
                     scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
-
-
-def _needs_barrier(cfg: OperandConfig) -> bool:
-    """Blocked formats: materialise transposed views before quantizing. XLA fused the transpose into
-    the block-amax fusion and read along the strided axis (H100: mxfp8 fwd+bwd 27.8 ms instead of
-    12.5 ms, docs/benchmarks.md). Per-tensor FP8 (a full amax, then an elementwise cast) is left to
-    XLA, which can fuse the producer and a transpose into the cast (tools/fp8_cast_study.py)."""
-    return get_format(cfg.format).kind != "tensor"
 
 
 def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:

@@ -366,22 +366,10 @@ def _quantize_jit(x, key, fmt, axes, rounding, scale_mode, pad, prescale) -> QAr
     return QArray(data, scale, tensor_scale, fmt, axes, float(prescale))
 
 
-_CONVERT_ROUNDS = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-
-
 def _round_elements(y, fmt, rounding, key, prescale, index=None) -> jax.Array:
-    """Float32 values on fmt's grid, or (FP8 storage, nearest) float32 values the caller's cast rounds.
-
-    The caller always ends with `.astype(fmt.storage_dtype)`. For E4M3/E5M2 with round-to-nearest
-    that cast alone is the IEEE convert (RNE, subnormals included; saturation done by the clip), one
-    instruction per pair on sm_89+ instead of round_to_grid's exponent arithmetic: same bits.
-    """
     if prescale != 1.0:
         y = y * np.float32(prescale)
     y = jnp.clip(y, -fmt.elem_max, fmt.elem_max)
-    if rounding == "nearest" and jnp.dtype(fmt.storage_dtype) in _CONVERT_ROUNDS \
-            and fmt.storage_dtype == fmt.elem_dtype:
-        return y
     return round_to_grid(y, fmt, rounding, key, index)
 
 

@@ -21,7 +21,7 @@ from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
         ("mxfp8", "gpu", 10.0, "native"),
         ("nvfp4", "gpu", 10.0, "native"),
         ("fp8", "gpu", 10.0, "fp8"),
-        ("mxfp4", "gpu", 10.0, "native"),
+        ("mxfp4", "gpu", 10.0, "emulate"),  # XLA has no cuDNN path for MXFP4 (native.NOT_NATIVE)
         ("nvfp4", "cpu", None, "emulate"),
         ("fp8", "cpu", None, "emulate"),
         ("fp8", "tpu", None, "emulate"),
@@ -112,7 +112,7 @@ def _scaled_matmul_reference(lhs, rhs, lhs_scales, rhs_scales, preferred_element
     return jnp.einsum("BMK,BNK->BMN", a, b, precision="highest").astype(preferred_element_type)
 
 
-@pytest.mark.parametrize("fmt, rhs_axis", [("mxfp8", 2), ("mxfp4", 2), ("nvfp4", 2), ("nvfp4", (1, 2))])
+@pytest.mark.parametrize("fmt, rhs_axis", [("mxfp8", 2), ("nvfp4", 2), ("nvfp4", (1, 2))])
 def test_native_backend_contract(fmt, rhs_axis, monkeypatch):
     """Shapes/dtypes our QArrays hand to jax.nn.scaled_matmul, checked with its documented math on CPU."""
     a, b = _operands(2)
@@ -135,6 +135,17 @@ def test_native_backend_lowers_to_cudnn_block_scaled_dot(fmt):
     assert "__op$block_scaled_dot" in text
     elem = "f8E4M3FN" if fmt == "mxfp8" else "f4E2M1FN"
     assert f"tensor<1x128x128x{elem}>" in text
+
+
+def test_native_refuses_mxfp4_and_says_why():
+    """Compiled for sm_100, XLA turned an MXFP4 scaled_matmul into a dequantizing Triton GEMM
+    (docs/bench/blackwell_aot_s7.json): the native backend must not promise FP4 tensor cores for it."""
+    with pytest.raises(ValueError, match="dequantizing GEMM.*use nvfp4.*'emulate'"):
+        select_backend(get_recipe("mxfp4"), "gpu", 10.0, override="native")
+    a, b = _operands(4)
+    with pytest.raises(ValueError, match="lhs is mxfp4 .*dequantizing"):
+        native.gemm(lowbit.quantize(a, "mxfp4", axis=2), lowbit.quantize(b, "mxfp4", axis=2),
+                    out_dtype=jnp.float32)
 
 
 def test_native_rejects_other_formats():

@@ -70,8 +70,9 @@ def check_backend(recipe: Any, name: str, platform: str, cc: float | None) -> No
                              f"capability >= 10 (Blackwell); this device is {where}. Use 'emulate' or 'fp8'")
         unsupported = sorted(formats - set(native.NATIVE_FORMATS))
         if unsupported:
+            why = "".join(f" ({native.NOT_NATIVE[f]})" for f in unsupported if f in native.NOT_NATIVE)
             raise ValueError(f"backend 'native' supports {native.NATIVE_FORMATS}; recipe {recipe.name!r} "
-                             f"uses {unsupported}. Use backend 'emulate'")
+                             f"uses {unsupported}{why}. Use backend 'emulate'")
         return
     get_gemm(name)  # raises for unknown names
 

@@ -4,6 +4,9 @@ y[b,m,n] = Σ_k (q_a s_a)[b,m,k] (q_b s_b)[b,n,k] · t_a t_b / (p_a p_b), with s
 data (B, M, K) / (B, N, K), scales (B, M, K/bs) / (B, N, K/bs), contracting dim last
 (jax/_src/nn/functions.py scaled_matmul). MXFP8: e4m3/e5m2 data, e8m0 scales, bs 32; NVFP4: e2m1
 data, e4m3 scales, bs 16 (the FP32 tensor scales are applied to the output here).
+MXFP4 (e2m1 data, e8m0 scales, bs 32) is not here: XLA's block-scaled-dot matcher takes MXFP8 and
+NVFP4 only, and compiled for sm_100 an MXFP4 scaled_matmul became a dequantizing Triton GEMM, not
+the cuDNN FP4 GEMM (tools/blackwell_aot.py, docs/benchmarks.md "Blackwell").
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ import jax.numpy as jnp
 
 from lowbit.quantize import QArray
 
-NATIVE_FORMATS = ("mxfp8", "mxfp8_e5m2", "mxfp4", "nvfp4")
+NATIVE_FORMATS = ("mxfp8", "mxfp8_e5m2", "nvfp4")
+# Why a format is refused, for the error message.
+NOT_NATIVE = {"mxfp4": "XLA lowers MXFP4 (E2M1 with E8M0 scales) to a dequantizing GEMM, not cuDNN's "
+                       "block-scaled FP4 GEMM; use nvfp4 for FP4 tensor cores"}
 
 
 def _check(op: Any, side: str) -> QArray:
     if not isinstance(op, QArray) or op.fmt.name not in NATIVE_FORMATS:
         got = op.fmt.name if isinstance(op, QArray) else f"unquantized {op.dtype}"
+        why = f" ({NOT_NATIVE[got]})" if got in NOT_NATIVE else ""
         raise ValueError(
-            f"the native backend needs block-scaled operands in one of {NATIVE_FORMATS}; {side} is {got}. "
-            "Use backend 'emulate' for other formats"
+            f"the native backend needs block-scaled operands in one of {NATIVE_FORMATS}; "
+            f"{side} is {got}{why}. Use backend 'emulate' for other formats"
         )
     return op
 
