@@ -50,9 +50,6 @@ class _Static(NamedTuple):
     lhs_dtype: Any
     rhs_dtype: Any
     impl: str = "xla"  # grouped GEMMs: "xla" (lax.ragged_dot) | "pallas" (lowbit.kernels.grouped_pallas)
-    # canonical x / w are the caller's arrays reshaped, with no transpose in between
-    lhs_contiguous: bool = False
-    rhs_contiguous: bool = False
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -65,35 +62,22 @@ def _pass_keys(key: jax.Array | None, pass_name: str) -> tuple[Any, Any, Any]:
 
 
 def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int],
-                      pad: bool, contiguous: bool = False) -> Operand:
+                      pad: bool) -> Operand:
     """Quantize `a` per `cfg` with blocks along `axis` (2-D tiles: the pair of axes); None: keep `a`."""
     if not cfg.quantized:
         return a
     if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         a = a.astype(jnp.float32)
-    if _needs_barrier(cfg, contiguous):
-        a = lax.optimization_barrier(a)
+    # Materialise transposed views before quantizing: XLA fused the transpose into the quantize
+    # and read along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead
+    # of 12.5 ms (tools/profile_emulate.py, docs/benchmarks.md). A no-op for contiguous inputs.
+    a = lax.optimization_barrier(a)
     # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
     # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
     # else lowbit.quantize's XLA ops.
     return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
                     key=key if cfg.rounding == "stochastic" else None,
                     scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
-
-
-def _needs_barrier(cfg: OperandConfig, contiguous: bool) -> bool:
-    """Materialise the operand before quantizing it, except a contiguous per-tensor one. XLA fused
-    transposed views into the quantize and read along the strided axis (H100: mxfp8 fwd+bwd 27.8 ms
-    instead of 12.5, docs/benchmarks.md); a per-tensor amax and cast may fuse with x's producer."""
-    return not contiguous or get_format(cfg.format).kind != "tensor"
-
-
-def _weight_in_place(pc: PassConfig) -> bool:
-    """fprop's W quantized as stored [B, K, N], its FP8 bytes then transposed to [B, N, K]: per-tensor
-    scales are orientation-free, and this moves 1 B/element where a bf16 transpose first moves 4."""
-    rhs = pc.rhs
-    return (rhs.quantized and get_format(rhs.format).kind == "tensor" and rhs.rounding == "nearest"
-            and pc.hadamard_block is None)
 
 
 def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:
@@ -155,15 +139,9 @@ def _qmatmul_fwd(x, w, key, static: _Static):
     fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
     # fprop: X [B,M,K] and Wᵀ [B,N,K], both blocked along K (features / in-features).
     k_x, k_w, k_s = _pass_keys(key, "fprop")
-    if _weight_in_place(fprop):
-        x_f = x
-        qwt = _swap_last(_quantize_operand(w, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad,
-                                           contiguous=static.rhs_contiguous))
-    else:
-        x_f, wt_f = _rht_pair(fprop, k_s, x, jnp.swapaxes(w, 1, 2))
-        qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
-    qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad,
-                           contiguous=static.lhs_contiguous and fprop.hadamard_block is None)
+    x_f, wt_f = _rht_pair(fprop, k_s, x, jnp.swapaxes(w, 1, 2))
+    qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad)
+    qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
     y = _gemm(static, qx, qwt, static.out_dtype)
 
     # dgrad operand W [B,K,N] blocked along N (out-features); wgrad operand Xᵀ [B,K,M] along M (tokens).
@@ -196,8 +174,7 @@ def _qmatmul_bwd(static: _Static, residuals, dy):
     # dgrad: dX [B,M,K] = dY [B,M,N] · W [B,K,N]ᵀ, both blocked along N.
     k_dy, _, k_sd = _pass_keys(key, "dgrad")
     dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
-    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad,
-                             contiguous=dgrad.hadamard_block is None)
+    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
     dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     # wgrad: dW [B,K,N] = Xᵀ [B,K,M] · dYᵀ [B,N,M], both blocked along M (tokens).
     q_dyt = _next_pass_operand(q_dy, dgrad, dgrad.lhs, wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2),
@@ -242,8 +219,7 @@ def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any
     x = jnp.transpose(lhs, lb + lf + lc).reshape(nb, m, k)
     w = jnp.transpose(rhs, rb + rc + rf).reshape(nb, k, n)
     static = _Static(recipe, backend or select_backend(recipe), precision, out_dtype,
-                     lhs.dtype, rhs.dtype, lhs_contiguous=lb + lf + lc == tuple(range(lhs.ndim)),
-                     rhs_contiguous=rb + rc + rf == tuple(range(rhs.ndim)))
+                     lhs.dtype, rhs.dtype)
     y = _qmatmul(x, w, key, static)
     out_shape = [lhs.shape[d] for d in lb + lf] + [rhs.shape[d] for d in rf]
     return y.reshape(out_shape)
