@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU work left open after the sixth 2026-11-23 session, one device call (<= 10 min) per mode.
+# The GPU work left open after the seventh 2026-11-23 session, one device call (<= 10 min) per mode.
 # Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
-# Done in the sixth session: moe-1.8b bf16/nvfp4/mxfp8 (the modes below ran as one command), moe-2.8b bf16/fp8
-# (`big`), and issue 4's two-GPU runs (`multi`..`multi4`, nvidia-h200-x2).
+# Done in the seventh session (docs/benchmarks.md): fp8 cast variants (tools/fp8_cast_study.py, in git at
+# fa12517 and c26312d; all reverted), moe-1.8b bf16/mxfp4/fp8 (`steps4` with fp8), Blackwell AOT with mxfp4
+# (mxfp4 is not a native format), and the FP8 tile sweep (the first half of `fp8pallas`).
+# Done in the sixth session: moe-1.8b bf16/nvfp4/mxfp8, moe-2.8b bf16/fp8 (`big`), and issue 4's two-GPU runs
+# (`multi`..`multi4`, nvidia-h200-x2).
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
-#                                  capacity (fp8 last measured with global capacity)
-#   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4 (mxfp4 never measured at moe-1.8b)
+#                                  capacity
+#   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
 #   tools/device_next.sh big       moe-2.8b bf16 and fp8 (sixth session: fp8 1.05x bf16)
-#   tools/device_next.sh fp8pallas the FP8 Pallas grouped GEMM now promotes every 128 K (1.74-1.90x faster):
-#                                  its tile sweep at that setting, then the fp8 step with moe_impl=pallas
-#   tools/device_next.sh profile   the moe-1.8b fp8 step's kernels with their HLO source (cuDNN attention)
+#   tools/device_next.sh fp8pallas the FP8 Pallas grouped GEMM's tile sweep at maxNumImpreciseAcc 128 (seventh
+#                                  session: best 0.61x dense FP8), then the fp8 step with moe_impl=pallas (not run)
+#   tools/device_next.sh profile   the moe-1.8b fp8 step's kernels with their HLO source (cuDNN attention): how
+#                                  many ms/step the amax reductions take, i.e. what delayed scaling could save
 #   tools/device_next.sh multi     issue 4 on nvidia-h200-x2: the small config trained on two GPUs (fsdp=2, then
 #                                  a resume, nvfp4, one GPU for scale, data=2 and expert=2 meshes)
 #   tools/device_next.sh multi2    nvidia-h200-x2: step_gap on one GPU and fsdp=2 at batch 32 and 128
