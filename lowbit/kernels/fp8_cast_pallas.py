@@ -1,0 +1,100 @@
+"""Per-tensor FP8 cast (and transposed copy) as one Pallas (Triton) kernel: x read once, both layouts written.
+
+q = RNE(clip(flush(x) · (1/s) · prescale, ±max)) with s the tensor scale lowbit.quantize computes
+(amax / max, by an XLA reduction first); the codes are integer RNE on the float32 bits
+(quantize_pallas._encode_nearest), so the bits equal lowbit.quantize's. The transposed copy is
+what cuBLASLt's TN-only FP8 GEMMs need for wgrad (Transformer Engine's cast_transpose). Experimental:
+measured by tools/bench_fp8_cast.py, not yet used by lowbit's GEMMs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit.formats import get_format
+from lowbit.kernels.quantize_pallas import _ABS, _F32_MIN_NORMAL_BITS, _SIGN, _encode_nearest, _pow2_divisor
+from lowbit.quantize import _F32_MIN_NORMAL, QArray, _div_rn
+
+_FP8_FORMATS = ("fp8", "fp8_e5m2")
+
+
+def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int, elem_max: float,
+            prescale: float):
+    x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
+    x_abs = x_bits & _ABS
+    x = lax.bitcast_convert_type(jnp.where(x_abs < _F32_MIN_NORMAL_BITS, x_bits & _SIGN, x_bits), jnp.float32)
+    y = x * params_ref[0]
+    if prescale != 1.0:
+        y = y * jnp.float32(prescale)
+    y = jnp.minimum(jnp.maximum(y, jnp.float32(-elem_max)), jnp.float32(elem_max))
+    codes = _encode_nearest(y, emin, mbits, elem_bits)
+    codes = jnp.where(params_ref[1] != 0, 0, codes).astype(jnp.uint8)  # poisoned: the NaN scale says so
+    out_refs[0][...] = codes
+    if len(out_refs) > 1:
+        out_refs[1][...] = codes.T
+
+
+def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
+             interpret: bool | None = None, block: int = 64,
+             num_warps: int | None = 4) -> tuple[QArray, QArray | None]:
+    """lowbit.quantize(x, fmt) for per-tensor FP8 on a 2-D x, plus (transpose=True) the same QArray of x.T.
+
+    Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts.
+    """
+    f = get_format(fmt)
+    if fmt not in _FP8_FORMATS:
+        raise ValueError(f"fp8_cast handles per-tensor {_FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
+    if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"fp8_cast needs a 2-D float32/bfloat16/float16 array, got {x.dtype}{x.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _fp8_cast_jit(x, f.name, bool(transpose), float(prescale), bool(interpret), int(block), num_warps)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
+    from jax.experimental import pallas as pl
+
+    fmt = get_format(name)
+    m, n = x.shape
+    # lowbit.quantize._quantize_per_tensor's scale, from the flushed finite values.
+    xf = x.astype(jnp.float32)
+    xf = jnp.where(jnp.abs(xf) < _F32_MIN_NORMAL, 0.0, xf)
+    finite = jnp.isfinite(xf)
+    amax = jnp.max(jnp.where(finite, jnp.abs(xf), 0.0))
+    poisoned = ~jnp.all(finite)
+    scale = jnp.where(amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL))
+    params = jnp.stack([_div_rn(1.0, scale), poisoned.astype(jnp.float32)]).astype(jnp.float32)
+    tensor_scale = jnp.where(poisoned, jnp.nan, scale).astype(jnp.float32)
+
+    bm, bn = _pow2_divisor(m, block), _pow2_divisor(n, block)
+    tiles_n = n // bn
+    grid = ((m // bm) * tiles_n,)  # 1-D, row-major over tiles
+    out_shape = [jax.ShapeDtypeStruct((m, n), jnp.uint8)]
+    out_specs = [pl.BlockSpec((bm, bn), lambda p: (p // tiles_n, p % tiles_n))]
+    if transpose:
+        out_shape.append(jax.ShapeDtypeStruct((n, m), jnp.uint8))
+        out_specs.append(pl.BlockSpec((bn, bm), lambda p: (p % tiles_n, p // tiles_n)))
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        compiler_params = pltriton.CompilerParams(num_warps=num_warps)
+    outs = pl.pallas_call(
+        functools.partial(_kernel, emin=fmt.emin, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
+                          elem_max=fmt.elem_max, prescale=prescale),
+        out_shape=out_shape, grid=grid,
+        in_specs=[pl.BlockSpec((2,), lambda p: (0,)), out_specs[0]],  # x's tiles are q's
+        out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
+        name=f"lowbit_cast_{fmt.name}",
+    )(params, x)
+
+    def qarray(codes):
+        return QArray(lax.bitcast_convert_type(codes, fmt.storage_dtype), None, tensor_scale, fmt, (0, 1),
+                      prescale)
+
+    return qarray(outs[0]), (qarray(outs[1]) if transpose else None)

@@ -1,0 +1,73 @@
+"""The fused per-tensor FP8 cast(+transpose) kernel against lowbit.quantize, bit for bit (interpret mode)."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.kernels.fp8_cast_pallas import fp8_cast
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint8)
+
+
+def _inputs(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-12, 12, (shape[0], 1)))
+    x = x.astype(np.float32)
+    x[0, :6] = [0.0, -0.0, 1e-40, -3e-39, 2.0**7, -(2.0**7)]  # zeros, f32 subnormals, amax at a power of two
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 128), (48, 80)])  # 48x80: tiles of 16 rows, 16 columns
+def test_bits_match_quantize_and_transpose(fmt, dtype, shape):
+    x = jnp.asarray(_inputs(shape, 0), dtype)
+    q, qt = fp8_cast(x, fmt, transpose=True, block=32, interpret=True)
+    ref = lowbit.quantize(x, fmt)
+    np.testing.assert_array_equal(_bits(q.data), _bits(ref.data))
+    np.testing.assert_array_equal(_bits(qt.data), _bits(ref.data).T)
+    assert float(q.tensor_scale) == float(ref.tensor_scale) == float(qt.tensor_scale)
+    # and against ml_dtypes' own cast of the float64 scaled values (independent of lowbit.quantize)
+    x64 = np.asarray(x, np.float64)
+    x64 = np.where(np.abs(x64) < np.finfo(np.float32).tiny, np.copysign(0.0, x64), x64)  # signed flush
+    elem = ml_dtypes.float8_e4m3fn if fmt == "fp8" else ml_dtypes.float8_e5m2
+    top = float(ml_dtypes.finfo(elem).max)
+    y = np.clip((x64.astype(np.float32) * np.float32(1.0 / float(q.tensor_scale))), -top, top)
+    np.testing.assert_array_equal(_bits(q.data), y.astype(elem).view(np.uint8))
+
+
+def test_prescale_and_no_transpose():
+    x = jnp.asarray(_inputs((32, 64), 1))
+    q, qt = fp8_cast(x, "fp8", prescale=0.75, interpret=True)
+    assert qt is None
+    np.testing.assert_array_equal(_bits(q.data), _bits(lowbit.quantize(x, "fp8", prescale=0.75).data))
+    assert q.prescale == 0.75
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_poisons_the_tensor(bad):
+    x = _inputs((32, 32), 2)
+    x[3, 5] = bad
+    q, qt = fp8_cast(jnp.asarray(x), "fp8", transpose=True, interpret=True)
+    ref = lowbit.quantize(jnp.asarray(x), "fp8")
+    assert np.isnan(float(q.tensor_scale)) and np.isnan(float(ref.tensor_scale))
+    np.testing.assert_array_equal(_bits(q.data), _bits(ref.data))
+    assert not _bits(qt.data).any()
+
+
+def test_all_zero_tensor():
+    q, _ = fp8_cast(jnp.zeros((16, 32), jnp.bfloat16), "fp8_e5m2", interpret=True)
+    assert float(q.tensor_scale) == 1.0 and not _bits(q.data).any()
+
+
+def test_bad_input_names_the_fix():
+    with pytest.raises(ValueError, match="per-tensor.*lowbit.quantize"):
+        fp8_cast(jnp.ones((16, 32)), "mxfp8", interpret=True)
+    with pytest.raises(ValueError, match="2-D"):
+        fp8_cast(jnp.ones((2, 16, 32)), "fp8", interpret=True)
+    with pytest.raises(ValueError, match="2-D float32"):
+        fp8_cast(jnp.ones((16, 32), jnp.int32), "fp8", interpret=True)
