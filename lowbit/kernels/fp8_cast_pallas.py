@@ -43,7 +43,8 @@ def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescal
              num_warps: int | None = 4) -> tuple[QArray, QArray | None]:
     """lowbit.quantize(x, fmt) for per-tensor FP8 on a 2-D x, plus (transpose=True) the same QArray of x.T.
 
-    Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts.
+    Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts; its
+    tiles are the largest powers of two <= `block` that divide each dim (Triton blocks are powers of two).
     """
     f = get_format(fmt)
     if fmt not in _FP8_FORMATS:
