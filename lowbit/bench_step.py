@@ -1,10 +1,10 @@
 """Train-step time per recipe and a B200 roofline projection: `python -m lowbit.bench_step {step,roofline}`.
 
-step: the jitted train step of `lowbit.train` (its own helpers: build_model, make_optimizer,
-init_train_state, make_train_step; random tokens instead of the data pipeline) per recipe:
-median step time, tokens/s, model TFLOP/s (3 x flops_per_token x tokens), ratio to BF16, peak
-device memory and the compiled memory analysis. Each (config, recipe) runs in its own process by
-default, so that peak memory is per recipe and an out-of-memory failure stays one row.
+step: the jitted train step of `lowbit.train` (built by its own train.build_step; random tokens
+instead of the data pipeline) per recipe: median step time, tokens/s, model TFLOP/s
+(3 x flops_per_token x tokens), ratio to BF16, peak device memory and the compiled memory analysis.
+Each (config, recipe) runs in its own process by default, so that peak memory is per recipe and an
+out-of-memory failure stays one row.
 roofline: projected step time on a B200 per recipe from the model's GEMM FLOPs (which pass runs
 at which rate) plus non-GEMM time from HBM bytes; see docs/roofline.md for every assumption.
 """
@@ -99,24 +99,16 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
         raise ValueError(f"tokens must be one of {STEP_TOKENS}, got {tokens!r}")
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    import lowbit
     from lowbit import train
     from lowbit.model import flops_per_token
     from lowbit.model.attention import config_attention_impl
 
     config = load_step_config(config_name, overrides)
-    tc = config.train
-    recipe = train.with_backend(lowbit.get_recipe(recipe_name), backend)
-    mesh = train.make_mesh(tc)
-    model = train.build_model(config, recipe)
-    graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
-    state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
-    step_fn = train.make_train_step(graphdef, tc, state, mesh)
+    parts = train.build_step(config, recipe_name, backend)
+    mesh, state, step_fn, schedule = parts.mesh, parts.state, parts.train_step, parts.schedule
     batch_size, length = config.data.global_batch_size, config.model.max_target_length
-    batch = step_batch(config, mesh, tokens)
-    schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
+    batch, zero = step_batch(config, mesh, tokens), jnp.float32(0.0)
 
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, schedule, zero).compile()
@@ -136,7 +128,7 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     row = {"ms": step_s * 1e3, "min_ms": min(times) * 1e3, "tokens_per_s": tokens_per_step / step_s,
            "model_tflops": 3 * flops_per_token(config.model) * tokens_per_step / step_s / 1e12,
            "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]),
-           "backends": sorted({train.with_backend(recipe, backend).backend}),
+           "backends": sorted({parts.recipe.backend}),
            "peak_gb": None if peak is None else peak / 2**30, "devices": mesh.size,
            "tokens_per_step": tokens_per_step, "moe_impl": config.model.moe_impl,
            "attention": config_attention_impl(config.model)}

@@ -1,8 +1,8 @@
 """Train the MoE decoder with a low-precision recipe: `python -m lowbit.train --recipe nvfp4`.
 
-The loop in `train()` reads top to bottom: build mesh, model, optimizer and data; restore the
-latest checkpoint of WORKDIR if there is one; then step, log, evaluate, checkpoint. The machinery
-(sharding rules, the jitted step, checkpoint I/O, metrics, signals) lives in the helpers below it.
+The loop in `train()` reads top to bottom: build mesh, model, state and jitted step (`build_step`) and
+the data; restore the latest checkpoint of WORKDIR if there is one; then step, log, evaluate, checkpoint.
+The machinery (sharding rules, the jitted step, checkpoint I/O, metrics, signals) lives in the helpers below.
 
 Objective: mean token cross-entropy (float32 logits) + the MoE auxiliary loss. Optimizer: AdamW
 (Loshchilov & Hutter 2019) after global-norm clipping, lr = linear warmup then cosine decay.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -69,18 +70,12 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
     tc = config.train
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    recipe = with_backend(lowbit.get_recipe(recipe), tc.backend)
     enable_compilation_cache(tc.compilation_cache_dir)
 
-    mesh = make_mesh(tc)
-    check_batch_fits(config.data.global_batch_size, tc.grad_accum_steps, mesh)
-    model = build_model(config, recipe)
-    graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
-    optimizer = make_optimizer(tc)
-    state = init_train_state(params, rng_state, optimizer, mesh, config)
-    train_step = make_train_step(graphdef, tc, state, mesh)
-    eval_step = make_eval_step(graphdef, mesh)
-    schedule = schedule_values(tc)
+    parts = build_step(config, recipe)
+    recipe, mesh, state, train_step, eval_step, schedule = (
+        parts.recipe, parts.mesh, parts.state, parts.train_step, parts.eval_step, parts.schedule)
+    del parts  # holds the initial state: a resumed run must not keep it alive beside the restored one
     zero, nan = jnp.float32(0.0), jnp.float32(jnp.nan)  # loss offsets (NaN poisons a step)
 
     processes = {"process_index": jax.process_index(), "process_count": jax.process_count()}
@@ -147,6 +142,35 @@ def train(config: Config, recipe: str | Any, workdir: str | Path, *,
 
 
 # model, optimizer, state -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What `build_step` made: the backend-resolved recipe, the mesh, the model's graph, the initial
+    train state on the mesh (donated by `train_step`: rebind it to the step's output), the jitted steps
+    (`OnMesh` wrappers of make_train_step / make_eval_step) and the schedule's values."""
+
+    recipe: Any
+    mesh: Mesh
+    graphdef: Any
+    state: dict[str, Any]
+    train_step: Callable
+    eval_step: Callable
+    schedule: dict[str, jax.Array]
+
+
+def build_step(config: Config, recipe: str | Any, backend: str | None = None) -> StepParts:
+    """recipe (+ backend, default config.train.backend) -> mesh -> model (seed config.train.seed)
+    -> nnx.split -> init_train_state -> make_train_step / make_eval_step: the train loop's set-up."""
+    tc = config.train
+    recipe = with_backend(lowbit.get_recipe(recipe), tc.backend if backend is None else backend)
+    mesh = make_mesh(tc)
+    check_batch_fits(config.data.global_batch_size, tc.grad_accum_steps, mesh)
+    graphdef, params, rng_state = nnx.split(build_model(config, recipe), nnx.Param, ...)
+    state = init_train_state(params, rng_state, make_optimizer(tc), mesh, config)
+    return StepParts(recipe=recipe, mesh=mesh, graphdef=graphdef, state=state,
+                     train_step=make_train_step(graphdef, tc, state, mesh),
+                     eval_step=make_eval_step(graphdef, mesh), schedule=schedule_values(tc))
 
 
 def build_model(config: Config, recipe: Any) -> nnx.Module:

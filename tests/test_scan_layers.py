@@ -23,7 +23,7 @@ import lowbit
 from lowbit.config import load_config
 from lowbit.model import Decoder, ModelConfig, get_model_config
 from lowbit.model.decoder import layer_segments
-from lowbit.train import build_model, init_train_state, make_mesh, make_optimizer, make_train_step, train
+from lowbit.train import build_step, train
 
 # Two MoE layers (one segment when scanned), T=32 so B*T=64 tokens fit mxfp4's 64-wide Hadamard.
 # float32 activations: bfloat16 would let XLA keep a rounded intermediate in f32 in one program and
@@ -213,15 +213,10 @@ def test_print_train_step_compile_time_with_and_without_scan():
     for scan in (False, True):
         config = load_config("tiny", ["max_target_length=32", "global_batch_size=8",
                                       f"scan_layers={str(scan).lower()}"])
-        mesh = make_mesh(config.train)
-        model = build_model(config, lowbit.get_recipe("bf16"))
-        graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
-        state = init_train_state(params, rng_state, make_optimizer(config.train), mesh, config)
-        step = make_train_step(graphdef, config.train, state, mesh)
+        parts = build_step(config, "bf16")
         batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets")}
         start = time.perf_counter()
-        lowered = step.lower(state, batch, {k: jnp.float32(1) for k in ("peak", "end", "warmup", "total")},
-                             jnp.float32(0))
+        lowered = parts.train_step.lower(parts.state, batch, parts.schedule, jnp.float32(0))
         lowered.compile()
         times[scan] = time.perf_counter() - start
         loops[scan] = lowered.as_text().count("stablehlo.while")

@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import lowbit
 from lowbit import train
 from lowbit.bench_step import step_batch
 from lowbit.config import load_config
@@ -92,13 +91,10 @@ def test_train_step_splits_q_k_v_alike_by_batch(mesh_overrides, monkeypatch):
     monkeypatch.setattr(attention.jax.nn, "dot_product_attention", spy)
     monkeypatch.setattr(train, "_COMPILED", {})  # trace afresh, so the spy sees this step's q, k, v
     config = load_config("tiny", ["ici_data=1", "ici_expert=1", *mesh_overrides])
-    tc = config.train
-    mesh = train.make_mesh(tc)
-    model = train.build_model(config, lowbit.get_recipe("bf16"))
-    graphdef, params, rng_state = nnx.split(model, nnx.Param, ...)
-    state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
-    step = train.make_train_step(graphdef, tc, state, mesh)
-    step.lower(state, step_batch(config, mesh, "random"), train.schedule_values(tc), jnp.float32(0)).compile()
+    parts = train.build_step(config, "bf16")
+    mesh = parts.mesh
+    parts.train_step.lower(parts.state, step_batch(config, mesh, "random"), parts.schedule,
+                           jnp.float32(0)).compile()
 
     axes = tuple(a for a, n in mesh.shape.items() if n > 1)
     assert len(seen) == 3 * config.model.num_decoder_layers

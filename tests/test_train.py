@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -26,10 +27,12 @@ from flax import nnx
 
 from lowbit import plot
 from lowbit.config import load_config
+from lowbit.model import Decoder
 from lowbit.train import (
     NonFiniteError,
     ResumeError,
     build_model,
+    build_step,
     check_batch_fits,
     init_train_state,
     learning_rate,
@@ -40,6 +43,7 @@ from lowbit.train import (
     microbatches,
     param_spec,
     schedule_values,
+    shard_batch,
     train,
 )
 
@@ -106,6 +110,36 @@ def test_optimizer_state_holds_params_only_not_quantization_rng():
     moments = [x for x in opt_leaves if x.ndim > 0]
     assert len(moments) == 2 * len(param_leaves)  # Adam's mu and nu, one per parameter
     assert sorted(x.shape for x in moments) == sorted(2 * [p.shape for p in param_leaves])
+
+
+def test_build_step_takes_one_step_from_the_seeded_init():
+    config = tiny("backend=emulate", "seed=3", "ici_fsdp=2", "dtype=float32")  # f32: tight reference
+    parts = build_step(config, "bf16")
+    assert parts.recipe.backend == "emulate"  # the config's backend unless one is passed
+    assert parts.mesh.size == 2 and parts.mesh.shape["fsdp"] == 2
+    # Reference: the plain decoder from the config's seed (bf16 converts no GEMM), its loss in float64
+    reference = Decoder(config.model, rngs=nnx.Rngs(params=3))
+    initial = [np.asarray(x) for x in jax.tree.leaves(parts.state["params"])]
+    for ours, want in zip(initial, jax.tree.leaves(nnx.state(reference, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(ours, np.asarray(want))
+    for path, p in jax.tree_util.tree_leaves_with_path(parts.state["params"]):
+        assert p.sharding.spec == param_spec(jax.tree_util.keystr(path), p.shape, parts.mesh,
+                                             config.model.num_experts)
+    ids = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
+    logits, aux = reference(jnp.asarray(ids[:, :-1]))
+    shifted = np.asarray(logits, np.float64) - np.max(np.asarray(logits, np.float64), -1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ce = -np.mean(np.take_along_axis(log_probs, ids[:, 1:, None], -1))
+
+    batch = shard_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:]}, parts.mesh)
+    state, metrics = parts.train_step(parts.state, batch, parts.schedule, jnp.float32(0))
+    assert int(state["step"]) == 1 and float(metrics["lr"]) == 0.0  # warmup starts at lr 0
+    assert float(metrics["ce_loss"]) == pytest.approx(ce, rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(ce + float(aux["aux_loss"]), rel=1e-5)
+    for ours, before in zip(jax.tree.leaves(state["params"]), initial, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), before)  # lr 0: AdamW moves nothing
+    assert float(parts.eval_step(state, batch)) == pytest.approx(ce, rel=1e-5)
+    assert build_step(config, "bf16", backend="native").recipe.backend == "native"
 
 
 def test_microbatches_partition_the_rows():

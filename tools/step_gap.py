@@ -1,7 +1,7 @@
 """Where does lowbit.train's step time go that `bench step` does not see? (GPU diagnostic)
 
 Measured on an H200 (2026-11-23): `bench step` small bf16 at batch 32 runs 27 ms/step, the train
-loop 120-130 ms/step. Both call the same jitted train.make_train_step. This times the step under
+loop 120-130 ms/step. Both call the same jitted step (train.build_step). This times the step under
 the differences between the two, one at a time (medians over --steps steps, synced per step):
 
   rand-fixed     random tokens, one fixed batch (what `bench step` times)
@@ -28,9 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-import lowbit
 from lowbit import train
 from lowbit.bench_step import STEP_CONFIGS, load_step_config, step_batch
 from lowbit.config import load_config
@@ -146,19 +144,14 @@ def main() -> None:
 
     config = (load_step_config(args.config, args.overrides) if args.config in STEP_CONFIGS
               else load_config(args.config, args.overrides))
-    tc = config.train
-    recipe = train.with_backend(lowbit.get_recipe(args.recipe), tc.backend)
-    mesh = train.make_mesh(tc)
-    graphdef, params, rng_state = nnx.split(train.build_model(config, recipe), nnx.Param, ...)
-    state = train.init_train_state(params, rng_state, train.make_optimizer(tc), mesh, config)
-    step_fn = train.make_train_step(graphdef, tc, state, mesh)
-    schedule, zero = train.schedule_values(tc), jnp.float32(0.0)
+    parts = train.build_step(config, args.recipe)
+    mesh, step_fn, schedule, zero = parts.mesh, parts.train_step, parts.schedule, jnp.float32(0.0)
 
     b, t = config.data.global_batch_size, config.model.max_target_length
     rand_batch = step_batch(config, mesh, "random")  # what `bench step` times
     data = make_train_iter(config.data)
     real_batch = train.shard_batch(next(data), mesh)
-    holder = {"state": state}
+    holder = {"state": parts.state}
 
     def step_on(batch_fn):
         def run():
