@@ -82,3 +82,21 @@ def test_fp8acc_accuracy_reference_on_cpu(tmp_path, monkeypatch):
     assert [r["variant"][:6] for r in rows] == ["XLA FP", "pallas"]
     for row in rows:
         assert 0 <= row["rel_rms_err"] < 1e-6 and 0 <= row["rel_max_err"] < 1e-6, row
+
+
+def test_bench_fp8_cast_runs_on_cpu_and_checks_bits(tmp_path, monkeypatch):
+    """tools/bench_fp8_cast.py at its tiny size (Pallas interpret mode): every variant times, and the
+    kernel's bits (both layouts) equal lowbit.quantize's."""
+    import json
+    import sys
+
+    out = tmp_path / "cast.json"
+    monkeypatch.setattr(sys, "argv", ["bench_fp8_cast.py", "--size", "tiny", "--n", "1", "--repeats", "1",
+                                      "--json", str(out)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "bench_fp8_cast.py"),
+                       run_name="__main__")
+    assert done.value.code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 11 and all("error" not in r and r["ms"] > 0 for r in rows), rows
+    assert {r["bit_mismatches"] for r in rows} == {0}
