@@ -373,14 +373,20 @@ def _round_elements(y, fmt, rounding, key, prescale, index=None) -> jax.Array:
     return round_to_grid(y, fmt, rounding, key, index)
 
 
-def _quantize_per_tensor(xf, fmt, rounding, key, prescale) -> QArray:
+def _per_tensor_scale(xf, fmt) -> tuple[jax.Array, jax.Array]:
+    """(tensor scale, poisoned) of flushed float32 xf: s = amax / elem_max over the finite values (1 for
+    an all-zero tensor, at least the smallest normal), NaN when any element is NaN/Inf."""
     finite = jnp.isfinite(xf)
     amax = jnp.max(jnp.where(finite, jnp.abs(xf), 0.0))
     poisoned = ~jnp.all(finite)
     tensor_scale = jnp.where(
         amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL)
     )
-    tensor_scale = jnp.where(poisoned, jnp.nan, tensor_scale).astype(jnp.float32)
+    return jnp.where(poisoned, jnp.nan, tensor_scale).astype(jnp.float32), poisoned
+
+
+def _quantize_per_tensor(xf, fmt, rounding, key, prescale) -> QArray:
+    tensor_scale, poisoned = _per_tensor_scale(xf, fmt)
     y = jnp.where(poisoned, 0.0, xf * _div_rn(1.0, tensor_scale))
     data = _round_elements(y, fmt, rounding, key, prescale).astype(fmt.storage_dtype)
     return QArray(data, None, tensor_scale, fmt, tuple(range(xf.ndim)), float(prescale))

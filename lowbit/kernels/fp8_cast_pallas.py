@@ -17,7 +17,7 @@ from jax import lax
 
 from lowbit.formats import get_format
 from lowbit.kernels.quantize_pallas import _ABS, _F32_MIN_NORMAL_BITS, _SIGN, _encode_nearest, _pow2_divisor
-from lowbit.quantize import _F32_MIN_NORMAL, QArray, _div_rn
+from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scale
 
 _FP8_FORMATS = ("fp8", "fp8_e5m2")
 
@@ -62,15 +62,9 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
 
     fmt = get_format(name)
     m, n = x.shape
-    # lowbit.quantize._quantize_per_tensor's scale, from the flushed finite values.
-    xf = x.astype(jnp.float32)
-    xf = jnp.where(jnp.abs(xf) < _F32_MIN_NORMAL, 0.0, xf)
-    finite = jnp.isfinite(xf)
-    amax = jnp.max(jnp.where(finite, jnp.abs(xf), 0.0))
-    poisoned = ~jnp.all(finite)
-    scale = jnp.where(amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL))
-    params = jnp.stack([_div_rn(1.0, scale), poisoned.astype(jnp.float32)]).astype(jnp.float32)
-    tensor_scale = jnp.where(poisoned, jnp.nan, scale).astype(jnp.float32)
+    # lowbit.quantize's own scale; a poisoned tensor's NaN reciprocal is harmless (its codes are zeroed)
+    tensor_scale, poisoned = _per_tensor_scale(_flush_subnormals(x.astype(jnp.float32)), fmt)
+    params = jnp.stack([_div_rn(1.0, tensor_scale), poisoned.astype(jnp.float32)])
 
     bm, bn = _pow2_divisor(m, block), _pow2_divisor(n, block)
     tiles_n = n // bn
