@@ -197,6 +197,16 @@ GEMM_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 GEMM_REFS = ("bf16", "fp8", "mxfp8", "nvfp4")
 
 
+def parse_quantize_impls(text: str) -> list[str]:
+    """--quantize-impls: a comma list of lowbit.kernels.QUANTIZE_IMPLS, each a row per quantized variant."""
+    from lowbit.kernels import QUANTIZE_IMPLS
+    impls = parse_list(text)
+    bad = [i for i in impls if i not in QUANTIZE_IMPLS]
+    if bad or not impls:
+        raise ValueError(f"--quantize-impls: unknown {bad or text!r}; choose from {QUANTIZE_IMPLS}")
+    return impls
+
+
 def select_shapes(spec: str | None, size: str) -> list[tuple[int, int, int]]:
     """--shapes: indices into the size's list and/or explicit MxKxN; default all of the size's shapes."""
     shapes = GEMM_SHAPES[size]
@@ -237,16 +247,22 @@ def gemm_backends(recipe_name: str) -> list[str]:
     return names
 
 
-def fwd_bwd_fn(recipe_name: str, backend: str) -> Callable:
-    """(x [M,K], w [N,K], dy [M,N], key) -> (y, dx, dw) through lowbit.dot_general (3 GEMMs)."""
+def fwd_bwd_fn(recipe_name: str, backend: str, quantize: str = "auto") -> Callable:
+    """(x [M,K], w [N,K], dy [M,N], key) -> (y, dx, dw) through lowbit.dot_general (3 GEMMs), traced
+    with lowbit.kernels' quantize implementation `quantize` (auto | xla | fused)."""
     import lowbit
+    from lowbit.kernels import quantize_impl
     dot = lowbit.dot_general(recipe_name, backend=None if backend == "-" else backend)
 
     def step(x, w, dy, key):
         y, pullback = jax.vjp(lambda a, b: dot(a, b, TN, preferred_element_type=BF16, key=key), x, w)
         return (y, *pullback(dy))
 
-    return step
+    def traced_under_impl(*args):
+        with quantize_impl(quantize):
+            return step(*args)
+
+    return traced_under_impl
 
 
 def fp8_gemm_operands(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
@@ -277,6 +293,7 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
     if unknown:
         raise ValueError(f"--recipes: unknown {unknown}; choose from {GEMM_RECIPES}")
     refs = [] if args.refs == "none" else parse_list(args.refs)
+    impls = parse_quantize_impls(args.quantize_impls)
     key = jax.random.key(0)
     for m, k, n in select_shapes(args.shapes, args.size):
         shape = f"{m}x{k}x{n}"
@@ -289,12 +306,14 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
         baseline = None
         for recipe_name in ["bf16"] + [r for r in recipes if r != "bf16"]:
             for backend in gemm_backends(recipe_name):
-                row = {"shape": shape, "variant": recipe_name, "backend": backend, "pass": "fwd+bwd"}
-                runner.run(row, lambda *a: measure(fwd_bwd_fn(*a[:2]), *a[2:]),
-                           recipe_name, backend, step_args, 6.0 * m * k * n, args.iters)
-                if recipe_name == "bf16":
-                    baseline = row
-                set_ratio(row, baseline)
+                for impl in (["-"] if backend == "-" else impls):
+                    row = {"shape": shape, "variant": recipe_name, "backend": backend, "quantize": impl,
+                           "pass": "fwd+bwd"}
+                    runner.run(row, lambda *a: measure(fwd_bwd_fn(*a[:3]), *a[3:]), recipe_name, backend,
+                               "auto" if impl == "-" else impl, step_args, 6.0 * m * k * n, args.iters)
+                    if recipe_name == "bf16":
+                        baseline = row
+                    set_ratio(row, baseline)
         if "fp8" in refs:  # the fp8 recipe's floor: its 3 GEMMs on operands quantized and laid out beforehand
             row = {"shape": shape, "variant": "ref fp8 3 GEMMs, operands pre-quantized (no quantize)",
                    "backend": "-", "pass": "fwd+bwd"}
@@ -325,8 +344,8 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
     return runner
 
 
-GEMM_COLUMNS = ("shape", "variant", "backend", "pass", "ms", "tflops", "ratio", "compile_s", "kernels",
-                "status", "error")
+GEMM_COLUMNS = ("shape", "variant", "backend", "quantize", "pass", "ms", "tflops", "ratio", "compile_s",
+                "kernels", "status", "error")
 
 
 # ----------------------------------------------------------------------------- grouped
@@ -549,6 +568,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed groups per variant (median reported)")
 
 
+def add_quantize_impls_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize-impls", default="auto",
+                        help="comma list of quantize implementations (auto, xla, fused: "
+                             "lowbit.kernels.set_quantize_impl), one row each per quantized recipe")
+
+
 def add_gemm_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("gemm", help="fprop+dgrad+wgrad per recipe/backend vs bf16, plus references")
     add_common_args(p)
@@ -558,6 +583,7 @@ def add_gemm_parser(subparsers: Any) -> None:
                         "1=16384x4096x14336, 2=16384x14336x4096)")
     p.add_argument("--refs", default=",".join(GEMM_REFS),
                    help="forward reference rows: bf16,fp8,mxfp8,nvfp4 or none")
+    add_quantize_impls_arg(p)
     p.set_defaults(func=bench_gemm, columns=GEMM_COLUMNS)
 
 

@@ -26,7 +26,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowbit.bench_gemm import Runner, cli_main, default_json, enable_compilation_cache, error_text, parse_list
+from lowbit.bench_gemm import (
+    Runner,
+    cli_main,
+    default_json,
+    enable_compilation_cache,
+    error_text,
+    parse_list,
+    parse_quantize_impls,
+)
 
 STEP_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
 STEP_TOKENS = ("random", "data")
@@ -89,11 +97,13 @@ def step_batch(config: Any, mesh: Any, tokens: str = "random") -> dict[str, Any]
 
 
 def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = "auto",
-                 overrides: Sequence[str] = (), tokens: str = "random") -> dict[str, Any]:
+                 overrides: Sequence[str] = (), tokens: str = "random",
+                 quantize: str = "auto") -> dict[str, Any]:
     """Build the model and step exactly as lowbit.train does, then time `steps` steps after 2 warm-ups.
 
     tokens: "random" (uniform ids) or "data" (the config's first training batch). Values matter: the
     embedding gradient's scatter-add serializes on hot rows of real text (docs/benchmarks.md).
+    quantize: lowbit.kernels' quantize implementation the step is traced with (auto | xla | fused).
     """
     if tokens not in STEP_TOKENS:
         raise ValueError(f"tokens must be one of {STEP_TOKENS}, got {tokens!r}")
@@ -101,6 +111,7 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     import jax.numpy as jnp
 
     from lowbit import train
+    from lowbit.kernels import quantize_impl
     from lowbit.model import flops_per_token
     from lowbit.model.attention import config_attention_impl
 
@@ -110,8 +121,10 @@ def measure_step(config_name: str, recipe_name: str, steps: int, backend: str = 
     batch_size, length = config.data.global_batch_size, config.model.max_target_length
     batch, zero = step_batch(config, mesh, tokens), jnp.float32(0.0)
 
+    jax.clear_caches()  # the quantize switch is read while tracing, and is not part of jit's cache key
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, schedule, zero).compile()
+    with quantize_impl(quantize):
+        compiled = step_fn.lower(state, batch, schedule, zero).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         state, metrics = compiled(state, batch, schedule, zero)
@@ -145,19 +158,20 @@ def _worker(args: argparse.Namespace) -> int:
     enable_compilation_cache(args.cache_dir)
     try:
         result = measure_step(args.configs, args.recipes, args.steps, args.backend, args.override,
-                              args.tokens)
+                              args.tokens, args.quantize_impls)
     except Exception as error:
         result = {"error": error_text(error)}
     Path(args.worker_out).write_text(json.dumps(result, default=str))
     return 0
 
 
-def _in_subprocess(args: argparse.Namespace, config: str, recipe: str, timeout_s: float) -> dict[str, Any]:
+def _in_subprocess(args: argparse.Namespace, config: str, recipe: str, impl: str,
+                   timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, "-m", "lowbit.bench_step", "step", "--configs", config,
                    "--recipes", recipe, "--steps", str(args.steps), "--backend", args.backend,
-                   "--tokens", args.tokens, "--worker-out", str(out)]
+                   "--tokens", args.tokens, "--quantize-impls", impl, "--worker-out", str(out)]
         command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
         for item in args.override:
             command += ["--override", item]
@@ -179,17 +193,20 @@ def bench_step(args: argparse.Namespace) -> Runner:
     enable_compilation_cache(args.cache_dir)
     runner = Runner("step", args.json or default_json("bench_step"), args.time_budget_s, vars(args))
     recipes = parse_list(args.recipes)
+    impls = parse_quantize_impls(args.quantize_impls)
+    variants = [("bf16", "-")] + [(r, i) for r in recipes if r != "bf16" for i in impls]
     for config in parse_list(args.configs):
         baseline = None
-        for recipe in ["bf16"] + [r for r in recipes if r != "bf16"]:
-            row = {"config": config, "recipe": recipe}
+        for recipe, impl in variants:
+            row = {"config": config, "recipe": recipe, "quantize": impl}
+            impl = "auto" if impl == "-" else impl
             if args.isolate == "process":
                 # The worker gets what is left of the budget (plus a little to finish a started step).
                 remaining = args.time_budget_s - runner.elapsed() + 30
-                runner.run(row, _in_subprocess, args, config, recipe, remaining)
+                runner.run(row, _in_subprocess, args, config, recipe, impl, remaining)
             else:
                 runner.run(row, measure_step, config, recipe, args.steps, args.backend, args.override,
-                           args.tokens)
+                           args.tokens, impl)
             if recipe == "bf16":
                 baseline = row
             if baseline and row.get("ms") and baseline.get("ms"):
@@ -198,8 +215,8 @@ def bench_step(args: argparse.Namespace) -> Runner:
     return runner
 
 
-STEP_COLUMNS = ("config", "recipe", "devices", "moe_impl", "attention", "ms", "tokens_per_s", "model_tflops",
-                "ratio", "peak_gb", "compiled_gb", "compile_s", "loss", "status", "error")
+STEP_COLUMNS = ("config", "recipe", "quantize", "devices", "moe_impl", "attention", "ms", "tokens_per_s",
+                "model_tflops", "ratio", "peak_gb", "compiled_gb", "compile_s", "loss", "status", "error")
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -432,7 +449,7 @@ def print_roofline(rows: Sequence[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def add_step_parser(subparsers: Any) -> None:
-    from lowbit.bench_gemm import add_common_args
+    from lowbit.bench_gemm import add_common_args, add_quantize_impls_arg
     p = subparsers.add_parser("step", help="train-step time per recipe (lowbit.train's step), vs bf16")
     add_common_args(p)
     p.add_argument("--configs", default="small", help=f"comma list of {sorted(STEP_CONFIGS)}")
@@ -445,6 +462,7 @@ def add_step_parser(subparsers: Any) -> None:
                    help="random: uniform token ids; data: the config's first training batch (real text)")
     p.add_argument("--isolate", choices=("process", "none"), default="process",
                    help="process: each (config, recipe) in its own process (per-recipe peak memory)")
+    add_quantize_impls_arg(p)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=bench_step, columns=STEP_COLUMNS)
 

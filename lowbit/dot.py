@@ -29,7 +29,7 @@ from jax import lax
 
 from lowbit.backends import get_gemm, select_backend
 from lowbit.formats import get_format
-from lowbit.kernels.dispatch import quantize
+from lowbit.kernels.dispatch import quantize, quantize_with_transpose, use_fp8_cast
 from lowbit.quantize import QArray
 from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
 
@@ -61,23 +61,44 @@ def _pass_keys(key: jax.Array | None, pass_name: str) -> tuple[Any, Any, Any]:
     return tuple(jax.random.fold_in(pass_key, slot) for slot in (_LHS, _RHS, _SIGNS))
 
 
+def _prepared(a: jax.Array) -> jax.Array:
+    """A float operand, materialised: XLA fused a transpose into the quantize that followed and read
+    along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead of 12.5 ms
+    (tools/profile_emulate.py, docs/benchmarks.md). The barrier is a no-op for contiguous inputs."""
+    if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        a = a.astype(jnp.float32)
+    return lax.optimization_barrier(a)
+
+
 def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int],
                       pad: bool) -> Operand:
     """Quantize `a` per `cfg` with blocks along `axis` (2-D tiles: the pair of axes); None: keep `a`."""
     if not cfg.quantized:
         return a
-    if a.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        a = a.astype(jnp.float32)
-    # Materialise transposed views before quantizing: XLA fused the transpose into the quantize
-    # and read along the strided axis; on an H100 this alone made mxfp8 fwd+bwd 27.8 ms instead
-    # of 12.5 ms (tools/profile_emulate.py, docs/benchmarks.md). A no-op for contiguous inputs.
-    a = lax.optimization_barrier(a)
     # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
     # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
     # else lowbit.quantize's XLA ops.
-    return quantize(a, cfg.format, axis=axis, rounding=cfg.rounding,
+    return quantize(_prepared(a), cfg.format, axis=axis, rounding=cfg.rounding,
                     key=key if cfg.rounding == "stochastic" else None,
                     scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
+
+
+def _quantize_twins(a: jax.Array, cfg: OperandConfig, key: Any, pad: bool,
+                    xla_quantizes_transpose: bool = False) -> tuple[Operand, Operand]:
+    """(q of a [B, P, Q], q of its transpose [B, Q, P]) for an orientation-free cfg (per-tensor or
+    square tiles).
+
+    Per-tensor FP8 where dispatch takes it: one kernel reads `a` once and writes both layouts (TE's
+    cast_transpose). Otherwise one layout is quantized by XLA and its codes transposed:
+    `xla_quantizes_transpose` picks the transposed one (W: quantizing W as stored and transposing its
+    FP8 bytes made the fp8 linear layer 4% slower on an H100, docs/benchmarks.md, seventh session).
+    """
+    fmt = get_format(cfg.format)
+    if fmt.kind == "tensor" and cfg.rounding == "nearest" and use_fp8_cast(a, fmt):
+        return quantize_with_transpose(_prepared(a), fmt, prescale=cfg.prescale)
+    src = jnp.swapaxes(a, 1, 2) if xla_quantizes_transpose else a
+    q = _quantize_operand(src, cfg, key, _tn_axis(cfg), pad)
+    return (_swap_last(q), q) if xla_quantizes_transpose else (q, _swap_last(q))
 
 
 def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:
@@ -138,28 +159,36 @@ def _qmatmul_fwd(x, w, key, static: _Static):
     pad = static.backend != "native"
     fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
     # fprop: X [B,M,K] and Wᵀ [B,N,K], both blocked along K (features / in-features).
+    # dgrad operand W [B,K,N] blocked along N (out-features); wgrad operand Xᵀ [B,K,M] along M (tokens).
+    # An orientation-free quantization (_shared) serves both GEMMs: one quantize, two layouts.
     k_x, k_w, k_s = _pass_keys(key, "fprop")
     x_f, wt_f = _rht_pair(fprop, k_s, x, jnp.swapaxes(w, 1, 2))
-    qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad)
-    qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
+    if _shared(fprop, "lhs", wgrad, "lhs"):
+        qx, x_wgrad = _quantize_twins(x, fprop.lhs, k_x, pad)
+    else:
+        qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad)
+        x_wgrad = _fresh_operand(wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2), key, pad)
+    if _shared(fprop, "rhs", dgrad, "rhs"):
+        w_dgrad, qwt = _quantize_twins(w, fprop.rhs, k_w, pad, xla_quantizes_transpose=True)
+    else:
+        qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
+        w_dgrad = _fresh_operand(dgrad, "dgrad", "rhs", w, key, pad)
     y = _gemm(static, qx, qwt, static.out_dtype)
-
-    # dgrad operand W [B,K,N] blocked along N (out-features); wgrad operand Xᵀ [B,K,M] along M (tokens).
-    w_dgrad = _next_pass_operand(qwt, fprop, fprop.rhs, dgrad, "dgrad", "rhs", w, key, pad)
-    x_wgrad = _next_pass_operand(qx, fprop, fprop.lhs, wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2),
-                                 key, pad)
     return y, (x_wgrad, w_dgrad, key)
 
 
-def _next_pass_operand(prev_q: Operand, prev_pass: PassConfig, prev_cfg: OperandConfig,
-                       cur_pass: PassConfig, pass_name: str, side: str, a: jax.Array, key: Any,
-                       pad: bool) -> Operand:
-    """Operand `side` of `cur_pass`: `prev_q` transposed when its quantization is orientation-free
-    (same config, no RHT, per-tensor or square tiles), else `a` (already in cur_pass's layout)
-    quantized along cur_pass's contraction axis, after cur_pass's RHT if any."""
+def _shared(prev_pass: PassConfig, prev_side: str, cur_pass: PassConfig, cur_side: str) -> bool:
+    """Whether operand `prev_side` of prev_pass, quantized once, also serves as `cur_side` of cur_pass
+    (transposed): the same config, orientation-free blocks (per-tensor or square tiles), no RHT."""
+    prev_cfg = getattr(prev_pass, prev_side)
+    return getattr(cur_pass, cur_side) == prev_cfg and _reusable(prev_cfg, prev_pass, cur_pass)
+
+
+def _fresh_operand(cur_pass: PassConfig, pass_name: str, side: str, a: jax.Array, key: Any,
+                   pad: bool) -> Operand:
+    """Operand `side` of `cur_pass` from `a` (already in cur_pass's layout), quantized along cur_pass's
+    contraction axis after cur_pass's RHT if any."""
     cfg = getattr(cur_pass, side)
-    if cfg == prev_cfg and _reusable(prev_cfg, prev_pass, cur_pass):
-        return _swap_last(prev_q)
     k_lhs, k_rhs, k_rht = _pass_keys(key, pass_name)
     if cur_pass.hadamard_block is not None:
         a = _rht_pair(cur_pass, k_rht, a, a)[0]
@@ -172,13 +201,15 @@ def _qmatmul_bwd(static: _Static, residuals, dy):
     pad = static.backend != "native"
     dgrad, wgrad = r.dgrad, r.wgrad
     # dgrad: dX [B,M,K] = dY [B,M,N] · W [B,K,N]ᵀ, both blocked along N.
-    k_dy, _, k_sd = _pass_keys(key, "dgrad")
-    dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
-    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
-    dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     # wgrad: dW [B,K,N] = Xᵀ [B,K,M] · dYᵀ [B,N,M], both blocked along M (tokens).
-    q_dyt = _next_pass_operand(q_dy, dgrad, dgrad.lhs, wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2),
-                               key, pad)
+    k_dy, _, k_sd = _pass_keys(key, "dgrad")
+    if _shared(dgrad, "lhs", wgrad, "rhs"):
+        q_dy, q_dyt = _quantize_twins(dy, dgrad.lhs, k_dy, pad)
+    else:
+        dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
+        q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
+        q_dyt = _fresh_operand(wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2), key, pad)
+    dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     dw = _gemm(static, x_wgrad, q_dyt, static.rhs_dtype)
     return dx, dw, None
 

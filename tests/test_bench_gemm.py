@@ -95,10 +95,13 @@ def test_zipf_group_sizes_sum_and_skew():
 def test_gemm_tiny_rows(tmp_path):
     out = tmp_path / "gemm.json"
     code = bench_gemm.main(["gemm", "--size", "tiny", "--shapes", "0", "--recipes", "bf16,fp8",
-                            "--refs", "bf16,fp8,mxfp8", "--iters", "1", "--json", str(out)])
+                            "--refs", "bf16,fp8,mxfp8", "--iters", "1", "--quantize-impls", "auto,fused",
+                            "--json", str(out)])
     assert code == 0
     rows = _ok_rows(out)
-    by_variant = {(r["variant"], r["backend"]): r for r in rows}
+    # one row per quantize implementation for each quantized backend; bf16 and the references: "-"
+    assert sorted(r["quantize"] for r in rows if r["variant"] == "fp8") == ["auto", "auto", "fused", "fused"]
+    by_variant = {(r["variant"], r["backend"]): r for r in rows if r.get("quantize") in ("-", "auto", None)}
     for key in [("bf16", "-"), ("fp8", "emulate"), ("fp8", "fp8"), ("ref bf16 fwd (TN)", "-")]:
         row = by_variant[key]
         assert row["status"] == "ok" and row["ms"] > 0 and row["tflops"] > 0
@@ -165,6 +168,23 @@ def test_step_tiny_rows(tmp_path):
     assert row["temp_size_in_bytes"] >= 0 and np.isfinite(row["loss"])
     assert (row["moe_impl"], row["attention"]) == ("dropless", "xla")  # tiny's MoE path; auto on a CPU
     assert row["devices"] == 1 and row["peak_gb"] is None  # the CPU reports no peak memory
+
+
+def test_step_rows_per_quantize_implementation(tmp_path):
+    """--quantize-impls xla,fused: the fp8 recipe's step traced once per switch (the switch is not in
+    jit's cache key, so each is compiled afresh), same model, so the same loss to float32 rounding."""
+    out = tmp_path / "step.json"
+    code = bench_step.main(["step", "--size", "tiny", "--configs", "tiny", "--recipes", "fp8", "--steps", "1",
+                            "--override", "num_decoder_layers=1", "--isolate", "none",
+                            "--quantize-impls", "xla,fused", "--json", str(out)])
+    assert code == 0
+    rows = _ok_rows(out)
+    assert [(r["recipe"], r["quantize"], r["status"]) for r in rows] == [
+        ("bf16", "-", "ok"), ("fp8", "xla", "ok"), ("fp8", "fused", "ok")]
+    assert rows[1]["compile_s"] > 0 and rows[2]["compile_s"] > 0
+    assert abs(rows[1]["loss"] - rows[2]["loss"]) < 1e-4
+    with pytest.raises(ValueError, match="choose from"):
+        bench_gemm.parse_quantize_impls("auto,triton")
 
 
 class _FakeDevice:

@@ -40,6 +40,22 @@ def test_bits_match_quantize_and_transpose(fmt, dtype, shape):
     np.testing.assert_array_equal(_bits(q.data), y.astype(elem).view(np.uint8))
 
 
+@pytest.mark.parametrize("shape", [(3, 48, 80), (2, 2, 32, 16)])
+def test_batched_bits_one_scale_for_the_whole_tensor(shape):
+    """[..., M, N]: leading dims are a grid axis; the scale is the amax of all of x (lowbit.quantize's),
+    so a batch entry 2^10 larger than the others sets it, and q_t is swapaxes(-1, -2) of q."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1, *shape[-2:])[1] *= 1024.0
+    x = jnp.asarray(x, jnp.bfloat16)
+    q, qt = fp8_cast(x, "fp8_e5m2", transpose=True, block=16, interpret=True)
+    ref = lowbit.quantize(x, "fp8_e5m2")
+    assert q.data.shape == shape and qt.data.shape == (*shape[:-2], shape[-1], shape[-2])
+    assert q.axis == qt.axis == ref.axis and float(q.tensor_scale) == float(ref.tensor_scale)
+    np.testing.assert_array_equal(_bits(q.data), _bits(ref.data))
+    np.testing.assert_array_equal(_bits(qt.data), np.swapaxes(_bits(ref.data), -1, -2))
+
+
 def test_prescale_and_no_transpose():
     x = jnp.asarray(_inputs((32, 64), 1))
     q, qt = fp8_cast(x, "fp8", prescale=0.75, interpret=True)
@@ -67,7 +83,7 @@ def test_all_zero_tensor():
 def test_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="per-tensor.*lowbit.quantize"):
         fp8_cast(jnp.ones((16, 32)), "mxfp8", interpret=True)
-    with pytest.raises(ValueError, match="2-D"):
-        fp8_cast(jnp.ones((2, 16, 32)), "fp8", interpret=True)
-    with pytest.raises(ValueError, match="2-D float32"):
+    with pytest.raises(ValueError, match=r"rank >= 2 \(\[\.\.\., M, N\]\)"):
+        fp8_cast(jnp.ones((32,)), "fp8", interpret=True)
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
         fp8_cast(jnp.ones((16, 32), jnp.int32), "fp8", interpret=True)

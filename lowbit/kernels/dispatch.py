@@ -20,8 +20,13 @@ call: per-tensor FP8 and FP6 formats, a blocked axis that is not a multiple of t
 tiles that would straddle a leading batch index), non-float or empty arrays, and stochastic
 rounding without a key (lowbit.quantize then raises the error that names the fix).
 
-Entry points: `quantize` (a drop-in for lowbit.quantize), `use_fused` (the decision alone) and
-`quantize_fused_nd` (the kernel on [..., rows, K] arrays); lowbit.dot calls `quantize`.
+Per-tensor FP8 has its own kernel (lowbit.kernels.fp8_cast_pallas: the cast and a transposed copy
+in one pass, TE's cast_transpose), taken by `quantize_with_transpose` under the same switch, for
+round-to-nearest on [..., M, N] arrays whose tiles are at least 16x16 (smaller ones stay on XLA).
+
+Entry points: `quantize` (a drop-in for lowbit.quantize), `quantize_with_transpose` (that QArray
+and its swapaxes(-1, -2) twin), `use_fused` (the decision alone) and `quantize_fused_nd` (the kernel
+on [..., rows, K] arrays); lowbit.dot calls `quantize` and `quantize_with_transpose`.
 
 The switch is read when a function is traced: a function already compiled by jax.jit keeps the
 implementation it was traced with (jit a fresh function, or clear its cache, after switching).
@@ -30,6 +35,7 @@ implementation it was traced with (jit a fresh function, or clear its cache, aft
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -98,6 +104,10 @@ def _single_device() -> bool:
     return jax.device_count() == 1
 
 
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def _kernel_axes(x: jax.Array, fmt: Format, axis: int | Sequence[int], rounding: str,
                  key: jax.Array | None, scale_mode: str, require_gpu: bool) -> tuple[int, ...] | None:
     """Axes for quantize_fused on x's matrix view, or None where the kernel cannot take the call."""
@@ -117,6 +127,14 @@ def _kernel_axes(x: jax.Array, fmt: Format, axis: int | Sequence[int], rounding:
     return kernel_axes if ok else None
 
 
+def _impl_allows_kernel() -> tuple[bool, bool]:
+    """(a kernel may run, it must be on a GPU) under the implementation in force."""
+    impl = get_quantize_impl()
+    if impl == "xla" or (impl == "auto" and not _single_device()):
+        return False, True
+    return True, impl == "auto"
+
+
 def use_fused(
     x: jax.Array,
     fmt: Format | str,
@@ -126,11 +144,11 @@ def use_fused(
     scale_mode: str = "floor",
 ) -> bool:
     """Whether the implementation in force (get_quantize_impl) quantizes this call with the fused kernel."""
-    impl = get_quantize_impl()
-    if impl == "xla" or (impl == "auto" and not _single_device()):
+    allowed, require_gpu = _impl_allows_kernel()
+    if not allowed:
         return False
     return _kernel_axes(jnp.asarray(x), get_format(fmt), axis, rounding, key, scale_mode,
-                        require_gpu=impl == "auto") is not None
+                        require_gpu=require_gpu) is not None
 
 
 def quantize_fused_nd(
@@ -188,5 +206,47 @@ def quantize(
                         prescale=prescale)
 
 
+_FP8_CAST_MIN_TILE = 16  # below this, tiles are too thin for the kernel to beat XLA's cast
+_CAST_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def use_fp8_cast(x: jax.Array, fmt: Format | str, rounding: str = "nearest") -> bool:
+    """Whether quantize_with_transpose takes this call with the per-tensor FP8 cast(+transpose) kernel."""
+    from lowbit.kernels.fp8_cast_pallas import FP8_FORMATS, tiles
+
+    allowed, require_gpu = _impl_allows_kernel()
+    fmt = get_format(fmt)
+    if not allowed or fmt.name not in FP8_FORMATS or rounding != "nearest":
+        return False
+    if x.ndim < 2 or x.size == 0 or jnp.dtype(x.dtype) not in _CAST_DTYPES:
+        return False
+    if require_gpu and not _on_gpu():
+        return False
+    return min(tiles(tuple(x.shape))) >= _FP8_CAST_MIN_TILE
+
+
+def quantize_with_transpose(
+    x: jax.Array,
+    fmt: Format | str,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    *,
+    prescale: float = 1.0,
+) -> tuple[QArray, QArray]:
+    """(q, q_t): lowbit.quantize(x, fmt) of a per-tensor format on x [..., M, N] and the same QArray
+    with data swapaxes(-1, -2), from the FP8 cast(+transpose) kernel where use_fp8_cast says so (x read
+    once, both layouts written), else lowbit.quantize and an XLA transpose. Same bits either way."""
+    fmt, x = get_format(fmt), jnp.asarray(x)
+    if fmt.kind != "tensor":
+        raise ValueError(f"quantize_with_transpose is for per-tensor formats (one scale, so a transposed "
+                         f"copy is the same QArray), got {fmt.name!r}; quantize each layout with quantize")
+    if use_fp8_cast(x, fmt, rounding):
+        from lowbit.kernels.fp8_cast_pallas import fp8_cast
+
+        return fp8_cast(x, fmt.name, transpose=True, prescale=prescale)  # Pallas interpret mode off a GPU
+    q = quantize_xla(x, fmt, rounding=rounding, key=key, prescale=prescale)
+    return q, dataclasses.replace(q, data=jnp.swapaxes(q.data, -1, -2))
+
+
 __all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "get_quantize_impl", "quantize", "quantize_fused_nd", "quantize_impl",
-           "set_quantize_impl", "use_fused"]
+           "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused"]

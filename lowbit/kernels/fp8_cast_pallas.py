@@ -3,13 +3,14 @@
 q = RNE(clip(flush(x) · (1/s) · prescale, ±max)) with s the tensor scale lowbit.quantize computes
 (amax / max, by an XLA reduction first); the codes are integer RNE on the float32 bits
 (quantize_pallas._encode_nearest), so the bits equal lowbit.quantize's. The transposed copy is
-what cuBLASLt's TN-only FP8 GEMMs need for wgrad (Transformer Engine's cast_transpose). Experimental:
-measured by tools/bench_fp8_cast.py, not yet used by lowbit's GEMMs.
+what cuBLASLt's TN-only FP8 GEMMs need for wgrad (Transformer Engine's cast_transpose). lowbit.dot
+takes both layouts of X, W and dY from it through lowbit.kernels.dispatch.quantize_with_transpose.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from lowbit.formats import get_format
 from lowbit.kernels.quantize_pallas import _ABS, _F32_MIN_NORMAL_BITS, _SIGN, _encode_nearest, _pow2_divisor
 from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scale
 
-_FP8_FORMATS = ("fp8", "fp8_e5m2")
+FP8_FORMATS = ("fp8", "fp8_e5m2")
 
 
 def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int, elem_max: float,
@@ -38,19 +39,26 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
         out_refs[1][...] = codes.T
 
 
+def tiles(shape: tuple[int, ...], block: int = 64) -> tuple[int, int]:
+    """The kernel's (rows, cols) tile of [..., M, N]: the largest powers of two <= block dividing M and N."""
+    return _pow2_divisor(shape[-2], block), _pow2_divisor(shape[-1], block)
+
+
 def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
              interpret: bool | None = None, block: int = 64,
              num_warps: int | None = 4) -> tuple[QArray, QArray | None]:
-    """lowbit.quantize(x, fmt) for per-tensor FP8 on a 2-D x, plus (transpose=True) the same QArray of x.T.
+    """lowbit.quantize(x, fmt) for per-tensor FP8 on x [..., M, N], plus (transpose=True) the same
+    QArray of swapaxes(x, -1, -2), one scale for the whole tensor.
 
     Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts; its
-    tiles are the largest powers of two <= `block` that divide each dim (Triton blocks are powers of two).
+    tiles are `tiles(x.shape, block)` (Triton blocks are powers of two), leading dims a grid axis.
     """
     f = get_format(fmt)
-    if fmt not in _FP8_FORMATS:
-        raise ValueError(f"fp8_cast handles per-tensor {_FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
-    if x.ndim != 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"fp8_cast needs a 2-D float32/bfloat16/float16 array, got {x.dtype}{x.shape}")
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8_cast handles per-tensor {FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
+    if x.ndim < 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"fp8_cast needs a float32/bfloat16/float16 array of rank >= 2 ([..., M, N]), got "
+                         f"{x.dtype}{x.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return _fp8_cast_jit(x, f.name, bool(transpose), float(prescale), bool(interpret), int(block), num_warps)
@@ -61,19 +69,24 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
     from jax.experimental import pallas as pl
 
     fmt = get_format(name)
-    m, n = x.shape
+    *lead, m, n = x.shape
     # lowbit.quantize's own scale; a poisoned tensor's NaN reciprocal is harmless (its codes are zeroed)
     tensor_scale, poisoned = _per_tensor_scale(_flush_subnormals(x.astype(jnp.float32)), fmt)
     params = jnp.stack([_div_rn(1.0, tensor_scale), poisoned.astype(jnp.float32)])
 
-    bm, bn = _pow2_divisor(m, block), _pow2_divisor(n, block)
-    tiles_n = n // bn
-    grid = ((m // bm) * tiles_n,)  # 1-D, row-major over tiles
-    out_shape = [jax.ShapeDtypeStruct((m, n), jnp.uint8)]
-    out_specs = [pl.BlockSpec((bm, bn), lambda p: (p // tiles_n, p % tiles_n))]
+    batch = math.prod(lead)
+    x3 = x.reshape(batch, m, n)
+    bm, bn = tiles(x.shape, block)
+    tiles_m, tiles_n = m // bm, n // bn
+    per_batch = tiles_m * tiles_n
+    grid = (batch * per_batch,)  # 1-D, row-major over (batch, tile row, tile col)
+    out_shape = [jax.ShapeDtypeStruct((batch, m, n), jnp.uint8)]
+    out_specs = [pl.BlockSpec((None, bm, bn),
+                              lambda p: (p // per_batch, (p // tiles_n) % tiles_m, p % tiles_n))]
     if transpose:
-        out_shape.append(jax.ShapeDtypeStruct((n, m), jnp.uint8))
-        out_specs.append(pl.BlockSpec((bn, bm), lambda p: (p % tiles_n, p // tiles_n)))
+        out_shape.append(jax.ShapeDtypeStruct((batch, n, m), jnp.uint8))
+        out_specs.append(pl.BlockSpec((None, bn, bm),
+                                      lambda p: (p // per_batch, p % tiles_n, (p // tiles_n) % tiles_m)))
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -86,10 +99,11 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
         in_specs=[pl.BlockSpec((2,), lambda p: (0,)), out_specs[0]],  # x's tiles are q's
         out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
         name=f"lowbit_cast_{fmt.name}",
-    )(params, x)
+    )(params, x3)
 
-    def qarray(codes):
-        return QArray(lax.bitcast_convert_type(codes, fmt.storage_dtype), None, tensor_scale, fmt, (0, 1),
-                      prescale)
+    def qarray(codes, shape):
+        data = lax.bitcast_convert_type(codes, fmt.storage_dtype).reshape(shape)
+        return QArray(data, None, tensor_scale, fmt, tuple(range(x.ndim)), prescale)
 
-    return qarray(outs[0]), (qarray(outs[1]) if transpose else None)
+    q = qarray(outs[0], x.shape)
+    return q, (qarray(outs[1], (*lead, n, m)) if transpose else None)
