@@ -6,6 +6,8 @@
 # (mxfp4 is not a native format), and the FP8 tile sweep (the first half of `fp8pallas`).
 # Done in the sixth session: moe-1.8b bf16/nvfp4/mxfp8, moe-2.8b bf16/fp8 (`big`), and issue 4's two-GPU runs
 # (`multi`..`multi4`, nvidia-h200-x2).
+#   tools/device_next.sh fp8cast   fp8 with the cast(+transpose) kernel vs the XLA quantize: parity on the GPU,
+#                                  the linear layer at 16384x4096x14336, and the moe-1.8b step (with bf16)
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -25,6 +27,13 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  fp8cast)  # eighth session: the cast(+transpose) kernel wired into lowbit.dot; XLA quantize vs the kernel
+    run timeout 90 python3 tools/fp8_cast_parity.py --json "$out/fp8_cast_parity.json"
+    run timeout 150 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8 --quantize-impls xla,auto --refs fp8 \
+      --cache-dir /tmp/xla_cache --time-budget-s 140 --json "$out/gemm_fp8_cast.json"
+    run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --quantize-impls xla,auto \
+      --cache-dir /tmp/xla_cache --time-budget-s 310 --json "$out/step_moe18b_fp8_cast.json"
+    ;;
   steps)
     run timeout 560 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8,mxfp8 \
       --cache-dir /tmp/xla_cache --time-budget-s 540 --json "$out/step_moe18b_cudnn_mxfp8.json"

@@ -1,0 +1,116 @@
+"""On the GPU: the per-tensor FP8 cast(+transpose) kernel against lowbit.quantize, and lowbit.dot's fp8
+GEMMs with the kernel ("auto") against the XLA quantize ("xla").
+
+Run on the GPU machine:  python tools/fp8_cast_parity.py [--json FILE]
+Rows: (1) kernel bits == XLA bits in both layouts, for batched [..., M, N] shapes (the MoE's expert
+operands), edge values (zeros, subnormals, power-of-two amax) and a NaN-poisoned tensor; (2) fp8
+fwd+bwd: y, dX, dW of "auto" vs "xla" (mismatching elements and max relative difference), with a count
+of the cast kernels in the compiled HLO (3 expected: X, W, dY). Exit 1 if a kernel's bits differ or
+the kernel did not run. --size tiny: small shapes in Pallas interpret mode (switch "fused"), for the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lowbit
+from lowbit.kernels import quantize_impl
+from lowbit.kernels.fp8_cast_pallas import fp8_cast
+
+DIMS, BATCHED = (((1,), (0,)), ((), ())), (((2,), (1,)), ((0,), (0,)))
+CAST_CASES = {"full": [((8, 2560, 4096), "fp8_e5m2", jnp.bfloat16), ((8, 4096, 2560), "fp8", jnp.bfloat16),
+                       ((16384, 4096), "fp8", jnp.bfloat16), ((4, 48, 80), "fp8", jnp.float32)],
+              "tiny": [((2, 32, 64), "fp8_e5m2", jnp.bfloat16), ((48, 80), "fp8", jnp.float32)]}
+DOT_CASES = {"full": [((4096, 4096), (4096, 4096), DIMS), ((8, 1024, 2048), (8, 2048, 1024), BATCHED)],
+             "tiny": [((2, 32, 64), (2, 64, 32), BATCHED)]}
+
+
+def _bits(a) -> np.ndarray:
+    a = np.asarray(jax.device_get(a))
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def _cast_input(shape, dtype, seed: int, poison: bool) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * np.exp2(rng.integers(-10, 10, (*shape[:-1], 1)))).astype(np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, :6] = [0.0, -0.0, 1e-40, -3e-39, 2.0**12, -(2.0**12)]
+    if poison:
+        flat[1, 3] = np.nan
+    return jnp.asarray(x, dtype)
+
+
+def cast_rows(size: str) -> list[dict]:
+    rows = []
+    for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
+        for poison in (False, True):
+            x = _cast_input(shape, dtype, i, poison)
+            ref = lowbit.quantize(x, fmt)
+            q, qt = jax.jit(lambda a, f=fmt: fp8_cast(a, f, transpose=True))(x)
+            want = _bits(ref.data)
+            bad = int((_bits(q.data) != want).sum() + (_bits(qt.data) != np.swapaxes(want, -1, -2)).sum())
+            same_scale = bool(np.array_equal(_bits(q.tensor_scale), _bits(ref.tensor_scale)))
+            rows.append({"check": "cast", "case": f"{'x'.join(map(str, shape))} {fmt} "
+                         f"{jnp.dtype(dtype).name}{' NaN' if poison else ''}",
+                         "mismatches": bad, "scale_equal": same_scale, "ok": bad == 0 and same_scale})
+    return rows
+
+
+def dot_rows(size: str, kernel_impl: str) -> list[dict]:
+    """fp8 fwd+bwd under `kernel_impl` vs "xla". float32 compute on the CPU: its dot runtime has no
+    bfloat16 x bfloat16 -> float32 for the layout the interpret-mode kernel leads XLA to."""
+    rows = []
+    recipe = lowbit.get_recipe("fp8")
+    if jax.default_backend() == "cpu":
+        recipe = dataclasses.replace(recipe, compute_dtype="float32")
+    dg = lowbit.dot_general(recipe)
+    for i, (lhs_shape, rhs_shape, dims) in enumerate(DOT_CASES[size]):
+        keys = jax.random.split(jax.random.key(i), 3)
+        out_shape = (*lhs_shape[:-1], rhs_shape[-1])
+        x = jax.random.normal(keys[0], lhs_shape, jnp.bfloat16)
+        w = (jax.random.normal(keys[1], rhs_shape, jnp.float32) / 64).astype(jnp.bfloat16)
+        g = jax.random.normal(keys[2], out_shape, jnp.bfloat16)
+        results, kernels = {}, {}
+        for impl in ("xla", kernel_impl):
+            def run(x, w, g, dims=dims):
+                y, vjp = jax.vjp(lambda a, b: dg(a, b, dims, preferred_element_type=jnp.bfloat16), x, w)  # noqa: B023
+                return (y, *vjp(g))
+            with quantize_impl(impl):
+                compiled = jax.jit(run).lower(x, w, g).compile()
+            kernels[impl] = compiled.as_text().count("lowbit_cast_")
+            results[impl] = compiled(x, w, g)
+        for name, a, b in zip(("y", "dx", "dw"), results[kernel_impl], results["xla"], strict=True):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            rel = float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), 1e-30))
+            rows.append({"check": f"dot fp8 {kernel_impl} vs xla", "case": f"{lhs_shape}x{rhs_shape} {name}",
+                         "mismatches": int((_bits(a) != _bits(b)).sum()), "max_rel_diff": rel,
+                         "cast_kernels": kernels, "ok": kernels[kernel_impl] >= 3 and kernels["xla"] == 0})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=("full", "tiny"), default="full")
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}", flush=True)
+    rows = cast_rows(args.size) + dot_rows(args.size, "auto" if jax.default_backend() == "gpu" else "fused")
+    for r in rows:
+        extra = f"  max_rel_diff {r['max_rel_diff']:.2e}  {r['cast_kernels']}" if "max_rel_diff" in r else ""
+        print(f"{r['check']:<22} {r['case']:<44} mismatches {r['mismatches']:>8}{extra}  "
+              f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
