@@ -8,6 +8,8 @@
 # (`multi`..`multi4`, nvidia-h200-x2).
 #   tools/device_next.sh fp8cast   fp8 with the cast(+transpose) kernel vs the XLA quantize: parity on the GPU,
 #                                  the linear layer at 16384x4096x14336, and the moe-1.8b step (with bf16)
+#   tools/device_next.sh fp8prof   the fp8 linear layer's kernels (XLA quantize vs cast kernel, both weight layouts)
+#                                  and the moe-1.8b fp8 step's kernels with the cast kernel
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -33,6 +35,12 @@ case "$1" in
       --cache-dir /tmp/xla_cache --time-budget-s 140 --json "$out/gemm_fp8_cast.json"
     run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --quantize-impls xla,auto \
       --cache-dir /tmp/xla_cache --time-budget-s 310 --json "$out/step_moe18b_fp8_cast.json"
+    ;;
+  fp8prof)  # where the fp8 linear layer and the moe-1.8b fp8 step go with the cast kernel
+    run timeout 200 python3 tools/profile_fp8_linear.py --calls 10
+    XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+      run timeout 250 python3 tools/step_gap.py --config moe-1.8b --recipe fp8 --steps 3 --train-steps 0 \
+      --trace /tmp/tr_fp8 --top 45 --hlo-dir /tmp/dump --kernels-tsv "$out/kernels_moe18b_fp8_cast.tsv"
     ;;
   steps)
     run timeout 560 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16,fp8,mxfp8 \
