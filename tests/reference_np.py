@@ -375,3 +375,17 @@ def ref_ragged_dot(lhs, rhs_ekn, sizes) -> np.ndarray:
         out[start:start + size] = lhs64[start:start + size] @ rhs64[e]
         start += size
     return out
+
+
+def fp8_midpoints(elem) -> np.ndarray:
+    """float32 [rows, 128]: every midpoint between adjacent non-negative values of FP8 `elem`, one float32
+    ulp either side, the grid itself, their negatives, and the element maximum (so a per-tensor scale
+    amax / max is 1). One ulp off a tie tells RNE from double rounding through a 16-bit float."""
+    top = elem_max(elem)
+    grid = np.arange(256, dtype=np.uint8).view(elem).astype(np.float32)
+    grid = np.unique(grid[np.isfinite(grid) & (grid >= 0) & (grid <= top)])
+    mid = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)
+    below, above = np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf))
+    vals = np.concatenate([mid, below, above, grid])
+    vals = np.concatenate([vals, -vals, [top]]).astype(np.float32)
+    return np.resize(vals, (-(-vals.size // 128), 128))

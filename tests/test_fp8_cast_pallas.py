@@ -7,6 +7,7 @@ import pytest
 
 import lowbit
 from lowbit.kernels.fp8_cast_pallas import fp8_cast
+from tests.reference_np import fp8_midpoints
 
 
 def _bits(a):
@@ -56,6 +57,20 @@ def test_batched_bits_one_scale_for_the_whole_tensor(shape):
     np.testing.assert_array_equal(_bits(qt.data), np.swapaxes(_bits(ref.data), -1, -2))
 
 
+@pytest.mark.parametrize("encode", ["integer", "convert"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
+def test_every_midpoint_rounds_to_even(fmt, encode):
+    """Ties to even, and one float32 ulp off a tie to the nearer neighbour (no double rounding through
+    float16 or bfloat16): the codes are ml_dtypes' cast of the same float32 values, for both encoders."""
+    x = fp8_midpoints(ml_dtypes.float8_e4m3fn if fmt == "fp8" else ml_dtypes.float8_e5m2)
+    q, qt = fp8_cast(jnp.asarray(x), fmt, transpose=True, block=16, interpret=True, encode=encode)
+    assert float(q.tensor_scale) == 1.0
+    elem = ml_dtypes.float8_e4m3fn if fmt == "fp8" else ml_dtypes.float8_e5m2
+    want = x.astype(elem).view(np.uint8)
+    np.testing.assert_array_equal(_bits(q.data), want)
+    np.testing.assert_array_equal(_bits(qt.data), want.T)
+
+
 def test_prescale_and_no_transpose():
     x = jnp.asarray(_inputs((32, 64), 1))
     q, qt = fp8_cast(x, "fp8", prescale=0.75, interpret=True)
@@ -85,5 +100,7 @@ def test_bad_input_names_the_fix():
         fp8_cast(jnp.ones((16, 32)), "mxfp8", interpret=True)
     with pytest.raises(ValueError, match=r"rank >= 2 \(\[\.\.\., M, N\]\)"):
         fp8_cast(jnp.ones((32,)), "fp8", interpret=True)
+    with pytest.raises(ValueError, match="encode must be one of"):
+        fp8_cast(jnp.ones((16, 32)), "fp8", encode="fast", interpret=True)
     with pytest.raises(ValueError, match="float32/bfloat16/float16"):
         fp8_cast(jnp.ones((16, 32), jnp.int32), "fp8", interpret=True)

@@ -98,13 +98,13 @@ def test_bench_fp8_cast_runs_on_cpu_and_checks_bits(tmp_path, monkeypatch):
                        run_name="__main__")
     assert done.value.code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 11 and all("error" not in r and r["ms"] > 0 for r in rows), rows
+    assert len(rows) == 15 and all("error" not in r and r["ms"] > 0 for r in rows), rows
     assert {r["bit_mismatches"] for r in rows} == {0}
 
 
 def test_fp8_cast_parity_runs_on_cpu(tmp_path, monkeypatch):
-    """tools/fp8_cast_parity.py --size tiny: the kernel (interpret mode) matches lowbit.quantize's bits,
-    poisoned tensors included, and the fp8 GEMMs traced with the switch "fused" contain the cast kernel
+    """tools/fp8_cast_parity.py --size tiny: the kernel (interpret mode, both encoders) matches
+    lowbit.quantize's bits, poisoned tensors and every FP8 midpoint included, and the fp8 GEMMs traced with the switch "fused" contain the cast kernel
     (the "xla" ones none) and give the same outputs."""
     import json
     import sys
@@ -116,9 +116,10 @@ def test_fp8_cast_parity_runs_on_cpu(tmp_path, monkeypatch):
                        run_name="__main__")
     assert done.value.code == 0
     rows = json.loads(out.read_text())
-    casts = [r for r in rows if r["check"] == "cast"]
+    casts = [r for r in rows if r["check"].startswith("cast")]
     dots = [r for r in rows if r["check"].startswith("dot")]
-    assert len(casts) == 4 and all(r["mismatches"] == 0 and r["scale_equal"] for r in casts)
+    # 2 encoders x (2 shapes x clean/NaN + 2 formats' midpoints)
+    assert len(casts) == 12 and all(r["mismatches"] == 0 and r["scale_equal"] for r in casts)
     assert len(dots) == 3 and all(r["cast_kernels"]["fused"] >= 3 and r["cast_kernels"]["xla"] == 0
                                   for r in dots)
     assert all(r["max_rel_diff"] < 1e-2 for r in dots)  # bf16 outputs; dW's float32 order may differ

@@ -62,6 +62,9 @@ def main() -> int:
                 lowbit.quantize(a, f).data)), 4),
         }
         for block, warps in ((64, 4), (64, 8), (128, 8), (32, 4)):
+            variants[f"kernel convert cast+transpose, tile {block} w{warps}"] = (jax.jit(
+                lambda a, f=fmt, b=block, w=warps: [q.data for q in fp8_cast(
+                    a, f, transpose=True, block=b, num_warps=w, interpret=interpret, encode="convert")]), 4)
             variants[f"kernel cast, tile {block} w{warps}"] = (jax.jit(
                 lambda a, f=fmt, b=block, w=warps: fp8_cast(a, f, block=b, num_warps=w,
                                                             interpret=interpret)[0].data), 3)

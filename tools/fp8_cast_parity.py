@@ -2,8 +2,9 @@
 GEMMs with the kernel ("auto") against the XLA quantize ("xla").
 
 Run on the GPU machine:  python tools/fp8_cast_parity.py [--json FILE]
-Rows: (1) kernel bits == XLA bits in both layouts, for batched [..., M, N] shapes (the MoE's expert
-operands), edge values (zeros, subnormals, power-of-two amax) and a NaN-poisoned tensor; (2) fp8
+Rows: (1) kernel bits == XLA bits in both layouts, for each encoder (integer RNE, the GPU's convert),
+for batched [..., M, N] shapes (the MoE's expert operands), edge values (zeros, subnormals,
+power-of-two amax), a NaN-poisoned tensor, and every FP8 midpoint +-1 float32 ulp against ml_dtypes; (2) fp8
 fwd+bwd: y, dX, dW of "auto" vs "xla" (mismatching elements and max relative difference), with a count
 of the cast kernels in the compiled HLO (3 expected: X, W, dY). Exit 1 if a kernel's bits differ or
 the kernel did not run. --size tiny: small shapes in Pallas interpret mode (switch "fused"), for the CPU.
@@ -15,14 +16,19 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 import lowbit
 from lowbit.kernels import quantize_impl
-from lowbit.kernels.fp8_cast_pallas import fp8_cast
+from lowbit.kernels.fp8_cast_pallas import ENCODES, fp8_cast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.reference_np import fp8_midpoints  # noqa: E402
 
 DIMS, BATCHED = (((1,), (0,)), ((), ())), (((2,), (1,)), ((0,), (0,)))
 CAST_CASES = {"full": [((8, 2560, 4096), "fp8_e5m2", jnp.bfloat16), ((8, 4096, 2560), "fp8", jnp.bfloat16),
@@ -47,19 +53,28 @@ def _cast_input(shape, dtype, seed: int, poison: bool) -> jax.Array:
     return jnp.asarray(x, dtype)
 
 
+def _cast_row(x, fmt: str, encode: str, case: str, want: np.ndarray | None = None) -> dict:
+    """Kernel bits (both layouts) vs lowbit.quantize's (or `want`), and the tensor scale."""
+    ref = lowbit.quantize(x, fmt)
+    q, qt = jax.jit(lambda a: fp8_cast(a, fmt, transpose=True, encode=encode))(x)
+    want = _bits(ref.data) if want is None else want
+    bad = int((_bits(q.data) != want).sum() + (_bits(qt.data) != np.swapaxes(want, -1, -2)).sum())
+    same_scale = bool(np.array_equal(_bits(q.tensor_scale), _bits(ref.tensor_scale)))
+    return {"check": f"cast {encode}", "case": case, "mismatches": bad, "scale_equal": same_scale,
+            "ok": bad == 0 and same_scale}
+
+
 def cast_rows(size: str) -> list[dict]:
     rows = []
-    for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
-        for poison in (False, True):
-            x = _cast_input(shape, dtype, i, poison)
-            ref = lowbit.quantize(x, fmt)
-            q, qt = jax.jit(lambda a, f=fmt: fp8_cast(a, f, transpose=True))(x)
-            want = _bits(ref.data)
-            bad = int((_bits(q.data) != want).sum() + (_bits(qt.data) != np.swapaxes(want, -1, -2)).sum())
-            same_scale = bool(np.array_equal(_bits(q.tensor_scale), _bits(ref.tensor_scale)))
-            rows.append({"check": "cast", "case": f"{'x'.join(map(str, shape))} {fmt} "
-                         f"{jnp.dtype(dtype).name}{' NaN' if poison else ''}",
-                         "mismatches": bad, "scale_equal": same_scale, "ok": bad == 0 and same_scale})
+    for encode in ENCODES:
+        for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
+            for poison in (False, True):
+                case = f"{'x'.join(map(str, shape))} {fmt} {jnp.dtype(dtype).name}{' NaN' if poison else ''}"
+                rows.append(_cast_row(_cast_input(shape, dtype, i, poison), fmt, encode, case))
+        for fmt, elem in (("fp8", ml_dtypes.float8_e4m3fn), ("fp8_e5m2", ml_dtypes.float8_e5m2)):
+            x = fp8_midpoints(elem)  # scale 1: the codes are ml_dtypes' RNE cast of x itself
+            rows.append(_cast_row(jnp.asarray(x), fmt, encode, f"every {fmt} midpoint +-1 ulp",
+                                  x.astype(elem).view(np.uint8)))
     return rows
 
 

@@ -23,8 +23,11 @@ from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scal
 FP8_FORMATS = ("fp8", "fp8_e5m2")
 
 
+ENCODES = ("integer", "convert")
+
+
 def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int, elem_max: float,
-            prescale: float):
+            prescale: float, encode: str, storage_dtype):
     x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
     x_abs = x_bits & _ABS
     x = lax.bitcast_convert_type(jnp.where(x_abs < _F32_MIN_NORMAL_BITS, x_bits & _SIGN, x_bits), jnp.float32)
@@ -32,8 +35,11 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
     if prescale != 1.0:
         y = y * jnp.float32(prescale)
     y = jnp.minimum(jnp.maximum(y, jnp.float32(-elem_max)), jnp.float32(elem_max))
-    codes = _encode_nearest(y, emin, mbits, elem_bits)
-    codes = jnp.where(params_ref[1] != 0, 0, codes).astype(jnp.uint8)  # poisoned: the NaN scale says so
+    if encode == "convert":  # the hardware's RNE float32 -> FP8 conversion (|y| <= max: no saturation)
+        codes = lax.bitcast_convert_type(y.astype(storage_dtype), jnp.uint8)
+    else:
+        codes = _encode_nearest(y, emin, mbits, elem_bits).astype(jnp.uint8)
+    codes = jnp.where(params_ref[1] != 0, jnp.uint8(0), codes)  # poisoned: the NaN scale says so
     out_refs[0][...] = codes
     if len(out_refs) > 1:
         out_refs[1][...] = codes.T
@@ -45,13 +51,14 @@ def tiles(shape: tuple[int, ...], block: int = 64) -> tuple[int, int]:
 
 
 def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
-             interpret: bool | None = None, block: int = 64,
-             num_warps: int | None = 4) -> tuple[QArray, QArray | None]:
+             interpret: bool | None = None, block: int = 64, num_warps: int | None = 4,
+             encode: str = "integer") -> tuple[QArray, QArray | None]:
     """lowbit.quantize(x, fmt) for per-tensor FP8 on x [..., M, N], plus (transpose=True) the same
     QArray of swapaxes(x, -1, -2), one scale for the whole tensor.
 
     Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts; its
     tiles are `tiles(x.shape, block)` (Triton blocks are powers of two), leading dims a grid axis.
+    encode: "integer" (RNE on the float32 bits, as the MX kernel) or "convert" (the GPU's cvt to FP8).
     """
     f = get_format(fmt)
     if fmt not in FP8_FORMATS:
@@ -59,13 +66,16 @@ def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescal
     if x.ndim < 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"fp8_cast needs a float32/bfloat16/float16 array of rank >= 2 ([..., M, N]), got "
                          f"{x.dtype}{x.shape}")
+    if encode not in ENCODES:
+        raise ValueError(f"fp8_cast encode must be one of {ENCODES}, got {encode!r}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _fp8_cast_jit(x, f.name, bool(transpose), float(prescale), bool(interpret), int(block), num_warps)
+    return _fp8_cast_jit(x, f.name, bool(transpose), float(prescale), bool(interpret), int(block), num_warps,
+                         encode)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
-def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps, encode):
     from jax.experimental import pallas as pl
 
     fmt = get_format(name)
@@ -94,7 +104,8 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps):
         compiler_params = pltriton.CompilerParams(num_warps=num_warps)
     outs = pl.pallas_call(
         functools.partial(_kernel, emin=fmt.emin, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
-                          elem_max=fmt.elem_max, prescale=prescale),
+                          elem_max=fmt.elem_max, prescale=prescale, encode=encode,
+                          storage_dtype=fmt.storage_dtype),
         out_shape=out_shape, grid=grid,
         in_specs=[pl.BlockSpec((2,), lambda p: (0,)), out_specs[0]],  # x's tiles are q's
         out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
