@@ -236,3 +236,34 @@ def test_available_and_argument_errors():
         quantize_fused(x, "nvfp4", div="fast")
     with pytest.raises(ValueError, match="unknown format"):
         quantize_fused(x, "mxfp3")
+
+
+@pytest.mark.parametrize("encode", ["integer", "convert"])
+@pytest.mark.parametrize(("fmt", "elem"), [("mxfp8", "float8_e4m3fn"), ("mxfp8_e5m2", "float8_e5m2")])
+def test_mxfp8_every_midpoint_rounds_to_even(fmt, elem, encode):
+    """Both encoders on every FP8 midpoint +-1 float32 ulp: each block of 32 holds the element maximum,
+    so its E8M0 scale is 2^0 and the codes are ml_dtypes' RNE cast of the values themselves."""
+    import ml_dtypes
+
+    from tests.reference_np import elem_max, fp8_midpoints
+
+    elem = getattr(ml_dtypes, elem)
+    vals = fp8_midpoints(elem).ravel()
+    vals = vals[np.abs(vals) < elem_max(elem)]
+    blocks = np.resize(vals, (-(-vals.size // 31), 31))
+    x = np.concatenate([np.full((blocks.shape[0], 1), elem_max(elem), np.float32), blocks], axis=1)
+    x = np.resize(x, (-(-x.shape[0] // 8) * 8, 32)).reshape(-1, 64)  # 2 blocks per row, rows % 8 == 0
+    q = quantize_fused(jnp.asarray(x), fmt, interpret=True, encode=encode)
+    np.testing.assert_array_equal(np.asarray(q.scale).view(np.uint8), 127)  # 2^0 in every block
+    np.testing.assert_array_equal(np.asarray(q.data).view(np.uint8), x.astype(elem).view(np.uint8))
+
+
+def test_encode_convert_is_for_fp8_nearest_only():
+    x = jnp.zeros((32, 64), jnp.float32)
+    with pytest.raises(ValueError, match="encode='convert' is for round-to-nearest 8-bit"):
+        quantize_fused(x, "mxfp4", encode="convert", interpret=True)
+    with pytest.raises(ValueError, match="encode='convert'"):
+        quantize_fused(x, "mxfp8", encode="convert", rounding="stochastic", key=jax.random.key(0),
+                       interpret=True)
+    with pytest.raises(ValueError, match="unknown encode"):
+        quantize_fused(x, "mxfp8", encode="fast", interpret=True)

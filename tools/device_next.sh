@@ -10,6 +10,7 @@
 #                                  the linear layer at 16384x4096x14336, and the moe-1.8b step (with bf16)
 #   tools/device_next.sh fp8prof   the fp8 linear layer's kernels (XLA quantize vs cast kernel, both weight layouts)
 #                                  and the moe-1.8b fp8 step's kernels with the cast kernel
+#   tools/device_next.sh convert   the FP8 convert encoder: parity, quantize kernels, fp8/mxfp8 layer and fp8 step
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -35,6 +36,14 @@ case "$1" in
       --cache-dir /tmp/xla_cache --time-budget-s 140 --json "$out/gemm_fp8_cast.json"
     run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --quantize-impls xla,auto \
       --cache-dir /tmp/xla_cache --time-budget-s 310 --json "$out/step_moe18b_fp8_cast.json"
+    ;;
+  convert)  # eighth session: the FP8 convert in both kernels (fp8_cast default, MXFP8 auto), then the layer and step
+    run timeout 100 python3 tools/fp8_cast_parity.py --json "$out/fp8_cast_parity.json"
+    run timeout 100 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 80
+    run timeout 130 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8,mxfp8 --quantize-impls xla,auto --refs none \
+      --cache-dir /tmp/xla_cache --time-budget-s 120 --json "$out/gemm_convert.json"
+    run timeout 240 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --quantize-impls xla,auto \
+      --cache-dir /tmp/xla_cache --time-budget-s 225 --json "$out/step_moe18b_fp8_convert.json"
     ;;
   fp8prof)  # where the fp8 linear layer and the moe-1.8b fp8 step go with the cast kernel
     run timeout 200 python3 tools/profile_fp8_linear.py --calls 10

@@ -37,6 +37,10 @@ from lowbit.quantize import (
 )
 
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
+# RNE onto the element grid: integer ops on the float32 bits | the float32 -> FP8 convert (8-bit elements
+# only; on an H100 the integer RNE made the FP8 cast ALU-bound, docs/benchmarks.md, eighth session)
+ENCODE_IMPLS = ("auto", "integer", "convert")
+_FP8_BY_MBITS = {3: jnp.float8_e4m3fn, 2: jnp.float8_e5m2}
 FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one code per byte
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _SUPPORTED_KINDS = ("mx", "nvfp4")
@@ -68,6 +72,7 @@ class _Plan:
     scale_mode: str
     rounding: str
     div: str  # "ptx" | "int" (resolved)
+    encode: str  # "integer" | "convert" (resolved)
     packed: bool  # FP4 written two codes per byte
     prescale: float
 
@@ -246,7 +251,9 @@ def _kernel(*refs, plan: _Plan, n: int):
     if plan.prescale != 1.0:
         y = y * jnp.float32(plan.prescale)
     y = jnp.minimum(jnp.maximum(y, jnp.float32(-plan.elem_max)), jnp.float32(plan.elem_max))
-    if plan.rounding == "nearest":
+    if plan.rounding == "nearest" and plan.encode == "convert":  # |y| <= max: no saturation involved
+        codes = lax.bitcast_convert_type(y.astype(_FP8_BY_MBITS[plan.mbits]), jnp.uint8).astype(jnp.int32)
+    elif plan.rounding == "nearest":
         codes = _encode_nearest(y, plan.emin, plan.mbits, plan.elem_bits)
     else:
         index = _flat_index(y.shape, _program_origin(plan, n, y.shape), n, plan)
@@ -342,6 +349,7 @@ def quantize_fused(
     prescale: float = 1.0,
     tensor_amax: jax.Array | None = None,
     div: str = "auto",
+    encode: str = "auto",
     fp4_layout: str = "packed",
     block_rows: int = 16,
     block_cols: int = 512,
@@ -352,6 +360,8 @@ def quantize_fused(
     Same bits as lowbit.quantize for both roundings: SR hashes each element's flat index in x with
     the seeds lowbit.quantize derives from `key` (lowbit.quantize.sr_hash), in-kernel.
     `tensor_amax` (NVFP4): max |x| over finite elements if already known; else one XLA reduction.
+    `encode`: RNE by integer ops on the float32 bits, or (auto for MXFP8 round-to-nearest) the float32 ->
+    FP8 convert, same bits, held to ml_dtypes on every FP8 midpoint.
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -360,7 +370,8 @@ def quantize_fused(
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; choose one of {SCALE_MODES}")
-    for name, value, choices in (("div", div, DIV_IMPLS), ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
+    for name, value, choices in (("div", div, DIV_IMPLS), ("encode", encode, ENCODE_IMPLS),
+                                 ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
     if rounding == "stochastic" and key is None:
@@ -379,12 +390,25 @@ def quantize_fused(
         emin=fmt.emin, emax=fmt.emax, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
         elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
+        encode=_resolve_encode(encode, fmt, rounding),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
     )
     if rounding == "nearest":
         key = None
     return _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, bool(interpret),
                                int(block_rows), int(block_cols), num_warps)
+
+
+def _resolve_encode(encode: str, fmt, rounding: str) -> str:
+    """auto: the FP8 convert for 8-bit elements with round-to-nearest, integer RNE otherwise (Hopper has
+    no float32 -> FP4/FP6 convert); an explicit "convert" elsewhere is refused."""
+    fp8_nearest = fmt.elem_bits == 8 and fmt.mbits in _FP8_BY_MBITS and rounding == "nearest"
+    if encode == "auto":
+        return "convert" if fp8_nearest else "integer"
+    if encode == "convert" and not fp8_nearest:
+        raise ValueError(f"encode='convert' is for round-to-nearest 8-bit elements (MXFP8); {fmt.name} with "
+                         f"rounding={rounding!r} needs encode='integer' or 'auto'")
+    return encode
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
