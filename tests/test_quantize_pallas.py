@@ -258,6 +258,28 @@ def test_mxfp8_every_midpoint_rounds_to_even(fmt, elem, encode):
     np.testing.assert_array_equal(np.asarray(q.data).view(np.uint8), x.astype(elem).view(np.uint8))
 
 
+@pytest.mark.parametrize("encode", ["integer", "threshold"])
+def test_mxfp4_every_midpoint_rounds_to_even(encode):
+    """E2M1 by both encoders: every midpoint of the grid, one float32 ulp either side, the grid and
+    their negatives (-0 included), in blocks whose amax 6 gives the scale 2^0: ml_dtypes' RNE codes."""
+    import ml_dtypes
+
+    e2m1 = ml_dtypes.float4_e2m1fn
+    mags = np.unique(np.abs(np.arange(16, dtype=np.uint8).view(e2m1).astype(np.float32)))  # 0 .. 6
+    mid = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    vals = np.concatenate([mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(9)), mags])
+    vals = np.concatenate([vals, -vals]).astype(np.float32)
+    blocks = np.resize(vals, (8, 31))
+    x = np.concatenate([np.full((8, 1), 6.0, np.float32), blocks], axis=1).reshape(4, 64)
+    x = np.concatenate([x, x], axis=0)  # 8 rows
+    q = quantize_fused(jnp.asarray(x), "mxfp4", interpret=True, encode=encode, fp4_layout="codes")
+    np.testing.assert_array_equal(np.asarray(q.scale).view(np.uint8), 127)
+    want = x.astype(e2m1).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(q.data.astype(jnp.float32)), want)
+    got_sign = np.signbit(np.asarray(q.data.astype(jnp.float32)))
+    np.testing.assert_array_equal(got_sign, np.signbit(want))  # -0 stays -0
+
+
 def test_encode_convert_is_for_fp8_nearest_only():
     x = jnp.zeros((32, 64), jnp.float32)
     with pytest.raises(ValueError, match="encode='convert' is for round-to-nearest 8-bit"):
@@ -265,5 +287,7 @@ def test_encode_convert_is_for_fp8_nearest_only():
     with pytest.raises(ValueError, match="encode='convert'"):
         quantize_fused(x, "mxfp8", encode="convert", rounding="stochastic", key=jax.random.key(0),
                        interpret=True)
+    with pytest.raises(ValueError, match="encode='threshold' is for round-to-nearest E2M1"):
+        quantize_fused(x, "mxfp8", encode="threshold", interpret=True)
     with pytest.raises(ValueError, match="unknown encode"):
         quantize_fused(x, "mxfp8", encode="fast", interpret=True)

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 return quantize_fused(x, "nvfp4", tensor_amax=jnp.float32(4.0), **kw)
             b.run(f"{label} fused, tensor_amax given", kernel_only, fmt=label, impl="fused-kernel-only")
     b.run("fp8 per-tensor xla", lambda x: lowbit.quantize(x, "fp8"), fmt="fp8", impl="xla")
-    for fmt in ("mxfp8", "mxfp8_e5m2"):  # default (auto): the FP8 convert; here the integer RNE
+    for fmt in ("mxfp8", "mxfp8_e5m2", "mxfp4", "nvfp4"):  # auto: FP8 convert / E2M1 compares; here integer
         b.run(f"{fmt} fused encode=integer", lambda x, f=fmt: quantize_fused(x, f, encode="integer"),
               ref=lambda x, f=fmt: lowbit.quantize(x, f), fmt=fmt, impl="fused")
 

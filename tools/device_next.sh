@@ -11,6 +11,7 @@
 #   tools/device_next.sh fp8prof   the fp8 linear layer's kernels (XLA quantize vs cast kernel, both weight layouts)
 #                                  and the moe-1.8b fp8 step's kernels with the cast kernel
 #   tools/device_next.sh convert   the FP8 convert encoder: parity, quantize kernels, fp8/mxfp8 layer and fp8 step
+#   tools/device_next.sh fp4enc    E2M1 by compares: parity, quantize kernels, MX layers (xla vs auto), MX steps
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -44,6 +45,14 @@ case "$1" in
       --cache-dir /tmp/xla_cache --time-budget-s 120 --json "$out/gemm_convert.json"
     run timeout 240 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --quantize-impls xla,auto \
       --cache-dir /tmp/xla_cache --time-budget-s 225 --json "$out/step_moe18b_fp8_convert.json"
+    ;;
+  fp4enc)  # eighth session: E2M1 by midpoint compares in the MX kernel; MX layers and steps after both encoders
+    run timeout 100 python3 tools/fp8_cast_parity.py --json "$out/parity_fp4enc.json"
+    run timeout 100 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 80
+    run timeout 110 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 --quantize-impls xla,auto \
+      --refs none --cache-dir /tmp/xla_cache --time-budget-s 100 --json "$out/gemm_mx_s8.json"
+    run timeout 270 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8,nvfp4 \
+      --cache-dir /tmp/xla_cache --time-budget-s 255 --json "$out/step_moe18b_mx_s8.json"
     ;;
   fp8prof)  # where the fp8 linear layer and the moe-1.8b fp8 step go with the cast kernel
     run timeout 200 python3 tools/profile_fp8_linear.py --calls 10

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 import lowbit
-from lowbit.kernels import quantize_impl
+from lowbit.kernels import quantize_fused, quantize_impl
 from lowbit.kernels.fp8_cast_pallas import ENCODES, fp8_cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,6 +78,34 @@ def cast_rows(size: str) -> list[dict]:
     return rows
 
 
+def mx_kernel_rows() -> list[dict]:
+    """The MX kernel's default encoders (FP8 convert, E2M1 compares) on every midpoint +-1 ulp, in blocks of
+    32 that each hold the element maximum (E8M0 scale 2^0): codes == ml_dtypes' RNE cast of the values."""
+    rows = []
+    e2m1 = ml_dtypes.float4_e2m1fn
+    fp4_mags = np.unique(np.abs(np.arange(16, dtype=np.uint8).view(e2m1).astype(np.float32)))
+    fp4_mid = ((fp4_mags[:-1].astype(np.float64) + fp4_mags[1:]) / 2).astype(np.float32)
+    fp4_vals = np.concatenate([fp4_mid, np.nextafter(fp4_mid, np.float32(0)),
+                               np.nextafter(fp4_mid, np.float32(9)), fp4_mags])
+    cases = [("mxfp8", ml_dtypes.float8_e4m3fn, fp8_midpoints(ml_dtypes.float8_e4m3fn).ravel()),
+             ("mxfp8_e5m2", ml_dtypes.float8_e5m2, fp8_midpoints(ml_dtypes.float8_e5m2).ravel()),
+             ("mxfp4", e2m1, np.concatenate([fp4_vals, -fp4_vals]))]
+    for fmt, elem, vals in cases:
+        top = np.float32(np.abs(vals).max()) if elem is e2m1 else np.float32(ml_dtypes.finfo(elem).max)
+        vals = vals[np.abs(vals) < top]
+        blocks = np.resize(vals, (-(-vals.size // 31), 31))
+        x = np.concatenate([np.full((blocks.shape[0], 1), top, np.float32), blocks], axis=1)
+        x = np.resize(x, (-(-x.shape[0] // 16) * 16, 32)).reshape(-1, 64)
+        q = jax.jit(lambda a, f=fmt: quantize_fused(a, f, fp4_layout="codes"))(jnp.asarray(x))
+        got = np.asarray(q.data.astype(jnp.float32))
+        want = x.astype(elem).astype(np.float32)
+        bad = int((got != want).sum() + (np.signbit(got) != np.signbit(want)).sum())
+        scale_ok = bool((np.asarray(q.scale).view(np.uint8) == 127).all())
+        rows.append({"check": "mx kernel default", "case": f"every {fmt} midpoint +-1 ulp",
+                     "mismatches": bad, "scale_equal": scale_ok, "ok": bad == 0 and scale_ok})
+    return rows
+
+
 def dot_rows(size: str, kernel_impl: str) -> list[dict]:
     """fp8 fwd+bwd under `kernel_impl` vs "xla". float32 compute on the CPU: its dot runtime has no
     bfloat16 x bfloat16 -> float32 for the layout the interpret-mode kernel leads XLA to."""
@@ -116,7 +144,8 @@ def main() -> int:
     p.add_argument("--json", default="")
     args = p.parse_args()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}", flush=True)
-    rows = cast_rows(args.size) + dot_rows(args.size, "auto" if jax.default_backend() == "gpu" else "fused")
+    kernel_impl = "auto" if jax.default_backend() == "gpu" else "fused"
+    rows = cast_rows(args.size) + mx_kernel_rows() + dot_rows(args.size, kernel_impl)
     for r in rows:
         extra = f"  max_rel_diff {r['max_rel_diff']:.2e}  {r['cast_kernels']}" if "max_rel_diff" in r else ""
         print(f"{r['check']:<22} {r['case']:<44} mismatches {r['mismatches']:>8}{extra}  "

@@ -39,7 +39,11 @@ from lowbit.quantize import (
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
 # RNE onto the element grid: integer ops on the float32 bits | the float32 -> FP8 convert (8-bit elements
 # only; on an H100 the integer RNE made the FP8 cast ALU-bound, docs/benchmarks.md, eighth session)
-ENCODE_IMPLS = ("auto", "integer", "convert")
+ENCODE_IMPLS = ("auto", "integer", "convert", "threshold")  # threshold: E2M1 only (7 compares)
+# E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the midpoints between codes c and c+1, and whether a tie goes
+# up (the upper code is even) -> code = number of midpoints |y| is past (RNE, OCP MX v1.0 sec. 5.3.3).
+_E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True),
+                   (5.0, False))
 _FP8_BY_MBITS = {3: jnp.float8_e4m3fn, 2: jnp.float8_e5m2}
 FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one code per byte
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -168,6 +172,16 @@ def _encode_nearest(y: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.
     return code | sign
 
 
+def _encode_e2m1_threshold(y: jax.Array) -> jax.Array:
+    """E2M1 code of RNE(y), |y| <= 6, by counting the midpoints |y| is past (ties: toward the even code)."""
+    a = jnp.abs(y)
+    code = jnp.zeros(y.shape, jnp.int32)
+    for mid, tie_up in _E2M1_MIDPOINTS:
+        code = code + (a >= mid if tie_up else a > mid).astype(jnp.int32)
+    sign = lax.shift_right_logical(lax.bitcast_convert_type(y, jnp.int32), 31) << 3
+    return code | sign
+
+
 def _encode_stochastic(y: jax.Array, u: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
     """Element code of floor(t) + [u < t - floor(t)], t = y / ulp (lowbit.quantize.round_to_grid's rule)."""
     y_bits = lax.bitcast_convert_type(y, jnp.int32)
@@ -253,6 +267,8 @@ def _kernel(*refs, plan: _Plan, n: int):
     y = jnp.minimum(jnp.maximum(y, jnp.float32(-plan.elem_max)), jnp.float32(plan.elem_max))
     if plan.rounding == "nearest" and plan.encode == "convert":  # |y| <= max: no saturation involved
         codes = lax.bitcast_convert_type(y.astype(_FP8_BY_MBITS[plan.mbits]), jnp.uint8).astype(jnp.int32)
+    elif plan.rounding == "nearest" and plan.encode == "threshold":
+        codes = _encode_e2m1_threshold(y)
     elif plan.rounding == "nearest":
         codes = _encode_nearest(y, plan.emin, plan.mbits, plan.elem_bits)
     else:
@@ -360,8 +376,8 @@ def quantize_fused(
     Same bits as lowbit.quantize for both roundings: SR hashes each element's flat index in x with
     the seeds lowbit.quantize derives from `key` (lowbit.quantize.sr_hash), in-kernel.
     `tensor_amax` (NVFP4): max |x| over finite elements if already known; else one XLA reduction.
-    `encode`: RNE by integer ops on the float32 bits, or (auto for MXFP8 round-to-nearest) the float32 ->
-    FP8 convert, same bits, held to ml_dtypes on every FP8 midpoint.
+    `encode`: RNE by integer ops on the float32 bits, or (auto, round-to-nearest) the float32 -> FP8
+    convert for MXFP8 and midpoint compares for E2M1; same bits, held to ml_dtypes on every midpoint.
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -400,14 +416,19 @@ def quantize_fused(
 
 
 def _resolve_encode(encode: str, fmt, rounding: str) -> str:
-    """auto: the FP8 convert for 8-bit elements with round-to-nearest, integer RNE otherwise (Hopper has
-    no float32 -> FP4/FP6 convert); an explicit "convert" elsewhere is refused."""
-    fp8_nearest = fmt.elem_bits == 8 and fmt.mbits in _FP8_BY_MBITS and rounding == "nearest"
+    """auto: round-to-nearest by the FP8 convert for 8-bit elements, by midpoint compares for E2M1
+    (Hopper has no float32 -> FP4 convert); integer RNE otherwise. A choice that cannot apply is refused."""
+    nearest = rounding == "nearest"
+    fp8 = nearest and fmt.elem_bits == 8 and fmt.mbits in _FP8_BY_MBITS
+    e2m1 = nearest and (fmt.elem_bits, fmt.mbits, fmt.emin) == (4, 1, 0)
     if encode == "auto":
-        return "convert" if fp8_nearest else "integer"
-    if encode == "convert" and not fp8_nearest:
+        return "convert" if fp8 else "threshold" if e2m1 else "integer"
+    if encode == "convert" and not fp8:
         raise ValueError(f"encode='convert' is for round-to-nearest 8-bit elements (MXFP8); {fmt.name} with "
                          f"rounding={rounding!r} needs encode='integer' or 'auto'")
+    if encode == "threshold" and not e2m1:
+        raise ValueError(f"encode='threshold' is for round-to-nearest E2M1 elements (MXFP4, NVFP4); "
+                         f"{fmt.name} with rounding={rounding!r} needs encode='integer' or 'auto'")
     return encode
 
 
