@@ -12,6 +12,7 @@
 #                                  and the moe-1.8b fp8 step's kernels with the cast kernel
 #   tools/device_next.sh convert   the FP8 convert encoder: parity, quantize kernels, fp8/mxfp8 layer and fp8 step
 #   tools/device_next.sh fp4enc    E2M1 by compares: parity, quantize kernels, MX layers (xla vs auto), MX steps
+#   tools/device_next.sh bigsmall  fp8 vs bf16 steps at moe-2.8b and small, with the cast kernel
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -53,6 +54,12 @@ case "$1" in
       --refs none --cache-dir /tmp/xla_cache --time-budget-s 100 --json "$out/gemm_mx_s8.json"
     run timeout 270 python3 -m lowbit.bench step --configs moe-1.8b --recipes mxfp8,nvfp4 \
       --cache-dir /tmp/xla_cache --time-budget-s 255 --json "$out/step_moe18b_mx_s8.json"
+    ;;
+  bigsmall)  # eighth session: fp8 with the cast kernel at the largest MoE config and at small
+    run timeout 390 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8 \
+      --cache-dir /tmp/xla_cache --time-budget-s 370 --json "$out/step_moe28b_s8.json"
+    run timeout 170 python3 -m lowbit.bench step --configs small --recipes fp8 \
+      --cache-dir /tmp/xla_cache --time-budget-s 160 --json "$out/step_small_s8.json"
     ;;
   fp8prof)  # where the fp8 linear layer and the moe-1.8b fp8 step go with the cast kernel
     run timeout 200 python3 tools/profile_fp8_linear.py --calls 10
