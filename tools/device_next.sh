@@ -13,6 +13,7 @@
 #   tools/device_next.sh convert   the FP8 convert encoder: parity, quantize kernels, fp8/mxfp8 layer and fp8 step
 #   tools/device_next.sh fp4enc    E2M1 by compares: parity, quantize kernels, MX layers (xla vs auto), MX steps
 #   tools/device_next.sh bigsmall  fp8 vs bf16 steps at moe-2.8b and small, with the cast kernel
+#   tools/device_next.sh embedgrad moe-1.8b with the embedding gradient as a one-hot GEMM (random and real tokens)
 #   tools/device_next.sh steps     bench step moe-1.8b bf16, fp8, mxfp8 with cuDNN attention and per-sequence
 #                                  capacity
 #   tools/device_next.sh steps4    the same for bf16, nvfp4, mxfp4
@@ -60,6 +61,14 @@ case "$1" in
       --cache-dir /tmp/xla_cache --time-budget-s 370 --json "$out/step_moe28b_s8.json"
     run timeout 170 python3 -m lowbit.bench step --configs small --recipes fp8 \
       --cache-dir /tmp/xla_cache --time-budget-s 160 --json "$out/step_small_s8.json"
+    ;;
+  embedgrad)  # eighth session: the token embedding's gradient as a one-hot GEMM instead of a scatter-add
+    run timeout 200 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --override embed_grad=gemm \
+      --cache-dir /tmp/xla_cache --time-budget-s 190 --json "$out/step_moe18b_embedgemm_s8.json"
+    for g in scatter gemm; do
+      run timeout 120 python3 -m lowbit.bench step --configs moe-1.8b --recipes bf16 --tokens data \
+        --override embed_grad=$g --cache-dir /tmp/xla_cache --time-budget-s 110 --json "$out/step_moe18b_data_$g.json"
+    done
     ;;
   fp8prof)  # where the fp8 linear layer and the moe-1.8b fp8 step go with the cast kernel
     run timeout 200 python3 tools/profile_fp8_linear.py --calls 10

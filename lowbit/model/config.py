@@ -64,6 +64,8 @@ class ModelConfig:
     # Embedding lookup as one_hot(tokens) @ table (MaxText's use_iota_embed): its gradient is a GEMM
     # instead of a scatter-add, whose atomics serialize on the few hot rows of a small (byte) vocab.
     use_iota_embed: bool = False
+    # Without iota: the lookup's table gradient as a scatter-add ("scatter") or a one-hot GEMM ("gemm").
+    embed_grad: str = "scatter"
     normalization_layer_epsilon: float = 1e-6
     init_scale: float = 1.0  # variance-scaling factor of every kernel (fan_in, truncated normal)
     embedding_init_scale: float = 1.0  # stddev of the token embedding
@@ -103,6 +105,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.capacity_factor must be > 0 with moe_impl='capacity', "
                 f"got {self.capacity_factor}")
+        if self.embed_grad not in ("scatter", "gemm"):
+            raise ValueError(f"ModelConfig.embed_grad must be 'scatter' or 'gemm', got {self.embed_grad!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")

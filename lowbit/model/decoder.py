@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from lowbit.model.attention import Attention
 from lowbit.model.config import ModelConfig
@@ -141,18 +142,61 @@ def _scan_segment(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.A
     return x, [jax.tree.map(lambda s, i=i: s[i], stats) for i in range(len(layers))]
 
 
-def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool) -> jax.Array:
+def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool, grad: str = "scatter") -> jax.Array:
     """table[tokens]; with `iota`, one_hot(tokens, V) @ table (exact: one nonzero term per output).
 
     The gather's gradient is a scatter-add into the table: on an H200 it took 123 of the 140 ms of a
     `small` (byte vocab) training step on real text; the one-hot form's gradient is a [V, N] x [N, D] GEMM.
-    Out-of-range tokens give a zero row here (jnp.take's default fill gives NaN).
+    grad="gemm" keeps the gather forward and makes only its gradient that GEMM (in token chunks, so the
+    one-hot block stays <= 4096 x V): for large vocabularies, where a one-hot forward costs a full GEMM.
+    Out-of-range tokens give a zero row with `iota` (jnp.take's default fill gives NaN) and no gradient.
     """
-    if not iota:
+    if grad not in EMBED_GRADS:
+        raise ValueError(f"embedding gradient must be one of {EMBED_GRADS}, got {grad!r}")
+    if not iota and grad == "scatter":
         return embedder(tokens)
     table = embedder.embedding[...]
     table = table.astype(embedder.dtype or table.dtype)
+    if not iota:
+        return _gather_with_gemm_grad(table, tokens)
     return jnp.dot(jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype), table)
+
+
+EMBED_GRADS = ("scatter", "gemm")
+_EMBED_GRAD_CHUNK = 4096  # tokens per one-hot block of the gradient GEMM
+
+
+@jax.custom_vjp
+def _gather_with_gemm_grad(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """jnp.take(table, tokens, axis=0), whose table gradient is sum_chunks one_hot(chunk)ᵀ · dy(chunk)."""
+    return jnp.take(table, tokens, axis=0)
+
+
+def _gather_fwd(table, tokens):
+    return jnp.take(table, tokens, axis=0), (tokens, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _gather_bwd(residuals, dy):
+    tokens, empty = residuals  # empty [V, 0]: the table's vocabulary size and dtype, no data
+    vocab = empty.shape[0]
+    ids = tokens.reshape(-1)
+    rows = dy.reshape(ids.shape[0], dy.shape[-1])
+    chunk = min(_EMBED_GRAD_CHUNK, ids.shape[0])
+    pad = -ids.shape[0] % chunk  # padded ids are -1: an all-zero one-hot row
+    ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(-1, chunk)
+    rows = jnp.pad(rows, ((0, pad), (0, 0))).reshape(ids.shape[0], chunk, -1)
+
+    def add_chunk(acc, chunk_in):
+        chunk_ids, chunk_rows = chunk_in
+        one_hot = jax.nn.one_hot(chunk_ids, vocab, dtype=chunk_rows.dtype)  # [chunk, V]
+        return acc + lax.dot_general(one_hot, chunk_rows, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32), None
+
+    grad, _ = lax.scan(add_chunk, jnp.zeros((vocab, dy.shape[-1]), jnp.float32), (ids, rows))
+    return grad.astype(empty.dtype), None
+
+
+_gather_with_gemm_grad.defvjp(_gather_fwd, _gather_bwd)
 
 
 class Decoder(nnx.Module):
@@ -185,7 +229,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"tokens must be int32[batch, length], got shape {tokens.shape}")
         if positions is None:
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        x = embed_tokens(self.token_embedder, tokens, cfg.use_iota_embed)
+        x = embed_tokens(self.token_embedder, tokens, cfg.use_iota_embed, cfg.embed_grad)
         policy = remat_policy(cfg.remat_policy)
         call = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy, prevent_cse=True)
         layer_stats = []
