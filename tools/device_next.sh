@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU work left open after the seventh 2026-11-23 session, one device call (<= 10 min) per mode.
+# The GPU work of the eighth 2026-11-23 session and what is left, one device call (<= 10 min) per mode.
+# Done in the eighth session (docs/benchmarks.md "Eighth session"): fp8cast, fp8prof, convert, fp4enc, bigsmall,
+# embedgrad. Left: delayed scaling (amax off the critical path) has no mode yet.
 # Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
 # Done in the seventh session (docs/benchmarks.md): fp8 cast variants (tools/fp8_cast_study.py, in git at
 # fa12517 and c26312d; all reverted), moe-1.8b bf16/mxfp4/fp8 (`steps4` with fp8), Blackwell AOT with mxfp4
