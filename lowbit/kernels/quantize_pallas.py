@@ -38,7 +38,8 @@ from lowbit.quantize import (
 
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
 # RNE onto the element grid: integer ops on the float32 bits | the float32 -> FP8 convert (8-bit elements
-# only; on an H100 the integer RNE made the FP8 cast ALU-bound, docs/benchmarks.md, eighth session)
+# only; on an H100 the integer RNE made the FP8 cast ALU-bound, docs/benchmarks.md, eighth session) |
+# midpoint compares (E2M1)
 ENCODE_IMPLS = ("auto", "integer", "convert", "threshold")  # threshold: E2M1 only (7 compares)
 # E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the midpoints between codes c and c+1, and whether a tie goes
 # up (the upper code is even) -> code = number of midpoints |y| is past (RNE, OCP MX v1.0 sec. 5.3.3).
@@ -76,7 +77,7 @@ class _Plan:
     scale_mode: str
     rounding: str
     div: str  # "ptx" | "int" (resolved)
-    encode: str  # "integer" | "convert" (resolved)
+    encode: str  # "integer" | "convert" | "threshold" (resolved)
     packed: bool  # FP4 written two codes per byte
     prescale: float
 
