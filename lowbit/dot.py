@@ -10,6 +10,11 @@ Internally every GEMM runs in the canonical "TN" form lhs [B, M, K] x rhs [B, N,
 each quantization is along the last axis. Residuals saved for the backward pass are the quantized
 operands of the backward GEMMs (X along tokens, W along out-features), not bf16 copies.
 
+Delayed scaling (recipe.scaling "delayed", lowbit.scaling): per-tensor operands take their scale from
+an amax history float32[3, H] (rows X, W, dY) passed in; the custom VJP returns the history with this
+step's amaxes in front as the history's "gradient" (Flax fp8_ops' overwrite-with-gradient), since dY's
+amax exists only in the backward pass. The train step stores that gradient instead of applying it.
+
 Partial blocks: a contraction axis that is not a multiple of the block size is quantized with
 `pad=True` (the last block as if zero-padded, exactly what padding the GEMM with zeros gives) on
 the emulate and fp8 backends; the native backend needs whole blocks and raises quantize's error.
@@ -29,9 +34,15 @@ from jax import lax
 
 from lowbit.backends import get_gemm, select_backend
 from lowbit.formats import get_format
-from lowbit.kernels.dispatch import quantize, quantize_with_transpose, use_fp8_cast
+from lowbit.kernels.dispatch import (
+    quantize,
+    quantize_scaled_with_transpose,
+    quantize_with_transpose,
+    use_fp8_cast,
+)
 from lowbit.quantize import QArray
 from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
+from lowbit.scaling import ROW_DY, ROW_W, ROW_X, check_history, history_amax, scale_from_amax, updated_history
 
 Operand = QArray | jax.Array
 
@@ -83,8 +94,32 @@ def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tu
                     scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
 
 
+def _delayed_scale(history: jax.Array | None, row: int, cfg: OperandConfig, recipe: Recipe) -> Any:
+    """The tensor scale of operand `cfg` of tensor `row` from the amax history, or None (not delayed)."""
+    if history is None or not cfg.quantized or get_format(cfg.format).kind != "tensor":
+        return None
+    return scale_from_amax(history_amax(history[row], recipe.amax_compute_algo), cfg.format)
+
+
+def _scaled_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int], pad: bool,
+                    scale: Any) -> tuple[Operand, Any]:
+    """(quantized `a`, its amax): with a delayed `scale` the amax comes out of the cast, else None."""
+    if scale is None:
+        return _quantize_operand(a, cfg, key, axis, pad), None
+    q, _, amax = quantize_scaled_with_transpose(_prepared(a), cfg.format, scale, cfg.rounding,
+                                                key if cfg.rounding == "stochastic" else None,
+                                                prescale=cfg.prescale, transpose=False)
+    return q, amax
+
+
+def _first(*amaxes: Any) -> jax.Array:
+    """The amax one tensor's quantizations recorded (equal wherever several did); 0 if none did."""
+    found = [a for a in amaxes if a is not None]
+    return found[0] if found else jnp.zeros((), jnp.float32)
+
+
 def _quantize_twins(a: jax.Array, cfg: OperandConfig, key: Any, pad: bool,
-                    xla_quantizes_transpose: bool = False) -> tuple[Operand, Operand]:
+                    xla_quantizes_transpose: bool = False, scale: Any = None) -> tuple[Operand, Operand, Any]:
     """(q of a [B, P, Q], q of its transpose [B, Q, P]) for an orientation-free cfg (per-tensor or
     square tiles).
 
@@ -92,13 +127,23 @@ def _quantize_twins(a: jax.Array, cfg: OperandConfig, key: Any, pad: bool,
     cast_transpose). Otherwise one layout is quantized by XLA and its codes transposed:
     `xla_quantizes_transpose` picks the transposed one (W: quantizing W as stored and transposing its
     FP8 bytes made the fp8 linear layer 4% slower on an H100, docs/benchmarks.md, seventh session).
+    The third value is the amax under a delayed `scale` (None otherwise).
     """
     fmt = get_format(cfg.format)
-    if fmt.kind == "tensor" and cfg.rounding == "nearest" and use_fp8_cast(a, fmt):
-        return quantize_with_transpose(_prepared(a), fmt, prescale=cfg.prescale)
+    kernel = fmt.kind == "tensor" and cfg.rounding == "nearest" and use_fp8_cast(a, fmt)
+    if scale is not None:
+        sr_key = key if cfg.rounding == "stochastic" else None
+        if xla_quantizes_transpose and not kernel:
+            q_t, q, amax = quantize_scaled_with_transpose(_prepared(jnp.swapaxes(a, 1, 2)), fmt, scale,
+                                                          cfg.rounding, sr_key, prescale=cfg.prescale)
+            return q, q_t, amax
+        return quantize_scaled_with_transpose(_prepared(a), fmt, scale, cfg.rounding, sr_key,
+                                              prescale=cfg.prescale)
+    if kernel:
+        return (*quantize_with_transpose(_prepared(a), fmt, prescale=cfg.prescale), None)
     src = jnp.swapaxes(a, 1, 2) if xla_quantizes_transpose else a
     q = _quantize_operand(src, cfg, key, _tn_axis(cfg), pad)
-    return (_swap_last(q), q) if xla_quantizes_transpose else (q, _swap_last(q))
+    return ((_swap_last(q), q) if xla_quantizes_transpose else (q, _swap_last(q))) + (None,)
 
 
 def _tn_axis(cfg: OperandConfig) -> int | tuple[int, int]:
@@ -148,33 +193,41 @@ def _gemm(static: _Static, lhs: Operand, rhs: Operand, out_dtype: Any) -> jax.Ar
 
 
 # ----------------------------------------------------------------------------- dense GEMM (custom VJP)
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _qmatmul(x: jax.Array, w: jax.Array, key: Any, static: _Static) -> jax.Array:
-    """Quantized x [B, M, K] · w [B, K, N] -> [B, M, N] (canonical form of dot_general)."""
-    return _qmatmul_fwd(x, w, key, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qmatmul(x: jax.Array, w: jax.Array, key: Any, history: Any, static: _Static) -> jax.Array:
+    """Quantized x [B, M, K] · w [B, K, N] -> [B, M, N] (canonical form of dot_general); `history`:
+    the amax history of delayed scaling, or None."""
+    return _qmatmul_fwd(x, w, key, history, static)[0]
 
 
-def _qmatmul_fwd(x, w, key, static: _Static):
+def _qmatmul_fwd(x, w, key, history, static: _Static):
     r = static.recipe
     pad = static.backend != "native"
     fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
+    scale = lambda row, cfg: _delayed_scale(history, row, cfg, r)
     # fprop: X [B,M,K] and Wᵀ [B,N,K], both blocked along K (features / in-features).
     # dgrad operand W [B,K,N] blocked along N (out-features); wgrad operand Xᵀ [B,K,M] along M (tokens).
     # An orientation-free quantization (_shared) serves both GEMMs: one quantize, two layouts.
     k_x, k_w, k_s = _pass_keys(key, "fprop")
     x_f, wt_f = _rht_pair(fprop, k_s, x, jnp.swapaxes(w, 1, 2))
     if _shared(fprop, "lhs", wgrad, "lhs"):
-        qx, x_wgrad = _quantize_twins(x, fprop.lhs, k_x, pad)
+        qx, x_wgrad, amax_x = _quantize_twins(x, fprop.lhs, k_x, pad, scale=scale(ROW_X, fprop.lhs))
     else:
-        qx = _quantize_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad)
-        x_wgrad = _fresh_operand(wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2), key, pad)
+        qx, amax_fx = _scaled_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad, scale(ROW_X, fprop.lhs))
+        x_wgrad, amax_wx = _fresh_operand(wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2), key, pad,
+                                          scale(ROW_X, wgrad.lhs))
+        amax_x = _first(amax_fx, amax_wx)
     if _shared(fprop, "rhs", dgrad, "rhs"):
-        w_dgrad, qwt = _quantize_twins(w, fprop.rhs, k_w, pad, xla_quantizes_transpose=True)
+        w_dgrad, qwt, amax_w = _quantize_twins(w, fprop.rhs, k_w, pad, xla_quantizes_transpose=True,
+                                               scale=scale(ROW_W, fprop.rhs))
     else:
-        qwt = _quantize_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad)
-        w_dgrad = _fresh_operand(dgrad, "dgrad", "rhs", w, key, pad)
+        qwt, amax_fw = _scaled_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad,
+                                       scale(ROW_W, fprop.rhs))
+        w_dgrad, amax_dw = _fresh_operand(dgrad, "dgrad", "rhs", w, key, pad, scale(ROW_W, dgrad.rhs))
+        amax_w = _first(amax_fw, amax_dw)
     y = _gemm(static, qx, qwt, static.out_dtype)
-    return y, (x_wgrad, w_dgrad, key)
+    amaxes = None if history is None else (history, _first(amax_x), _first(amax_w))
+    return y, (x_wgrad, w_dgrad, key, amaxes)
 
 
 def _shared(prev_pass: PassConfig, prev_side: str, cur_pass: PassConfig, cur_side: str) -> bool:
@@ -185,33 +238,45 @@ def _shared(prev_pass: PassConfig, prev_side: str, cur_pass: PassConfig, cur_sid
 
 
 def _fresh_operand(cur_pass: PassConfig, pass_name: str, side: str, a: jax.Array, key: Any,
-                   pad: bool) -> Operand:
-    """Operand `side` of `cur_pass` from `a` (already in cur_pass's layout), quantized along cur_pass's
-    contraction axis after cur_pass's RHT if any."""
+                   pad: bool, scale: Any = None) -> tuple[Operand, Any]:
+    """(operand `side` of `cur_pass` from `a` (already in cur_pass's layout), quantized along cur_pass's
+    contraction axis after cur_pass's RHT if any; its amax under a delayed `scale`, else None)."""
     cfg = getattr(cur_pass, side)
     k_lhs, k_rhs, k_rht = _pass_keys(key, pass_name)
     if cur_pass.hadamard_block is not None:
         a = _rht_pair(cur_pass, k_rht, a, a)[0]
-    return _quantize_operand(a, cfg, k_lhs if side == "lhs" else k_rhs, _tn_axis(cfg), pad)
+    return _scaled_operand(a, cfg, k_lhs if side == "lhs" else k_rhs, _tn_axis(cfg), pad, scale)
 
 
 def _qmatmul_bwd(static: _Static, residuals, dy):
-    x_wgrad, w_dgrad, key = residuals
+    x_wgrad, w_dgrad, key, amaxes = residuals
     r = static.recipe
     pad = static.backend != "native"
     dgrad, wgrad = r.dgrad, r.wgrad
+    history = None if amaxes is None else amaxes[0]
+    scale = lambda cfg: _delayed_scale(history, ROW_DY, cfg, r)
     # dgrad: dX [B,M,K] = dY [B,M,N] · W [B,K,N]ᵀ, both blocked along N.
     # wgrad: dW [B,K,N] = Xᵀ [B,K,M] · dYᵀ [B,N,M], both blocked along M (tokens).
     k_dy, _, k_sd = _pass_keys(key, "dgrad")
     if _shared(dgrad, "lhs", wgrad, "rhs"):
-        q_dy, q_dyt = _quantize_twins(dy, dgrad.lhs, k_dy, pad)
+        q_dy, q_dyt, amax_dy = _quantize_twins(dy, dgrad.lhs, k_dy, pad, scale=scale(dgrad.lhs))
     else:
         dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
-        q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad)
-        q_dyt = _fresh_operand(wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2), key, pad)
+        q_dy, amax_d = _scaled_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad, scale(dgrad.lhs))
+        q_dyt, amax_w = _fresh_operand(wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2), key, pad,
+                                       scale(wgrad.rhs))
+        amax_dy = _first(amax_d, amax_w)
     dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     dw = _gemm(static, x_wgrad, q_dyt, static.rhs_dtype)
-    return dx, dw, None
+    return dx, dw, None, _history_cotangent(amaxes, amax_dy)
+
+
+def _history_cotangent(amaxes: Any, amax_dy: Any) -> Any:
+    """The amax history's "gradient": the history with this step's (X, W, dY) amaxes in front."""
+    if amaxes is None:
+        return None
+    history, amax_x, amax_w = amaxes
+    return updated_history(history, jnp.stack([amax_x, amax_w, _first(amax_dy)]))
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -230,13 +295,32 @@ def _canonical_dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int):
     return lc, rc, lb, rb, lf, rf
 
 
+def _history_arg(recipe: Recipe, amax_history: Any, where: str) -> Any:
+    """The amax history a delayed-scaling recipe needs (checked), None for current scaling."""
+    if not recipe.delayed:
+        if amax_history is not None:
+            raise ValueError(f"{where}: recipe {recipe.name!r} uses current scaling; amax_history is only "
+                             "for recipes with scaling: delayed")
+        return None
+    if amax_history is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} uses delayed scaling and needs its amax history: pass "
+            f"amax_history=... (float32[3, {recipe.amax_history_len}], lowbit.scaling.init_history) to "
+            f"{where} and store the history's gradient as the next history, or use "
+            "lowbit.nn.QuantDotGeneral, which holds it as a lowbit.nn.AmaxHistory variable")
+    return check_history(amax_history, recipe.amax_history_len, where)
+
+
 def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, recipe: Recipe, *,
                           key: jax.Array | None = None, precision: Any = None,
-                          preferred_element_type: Any = None, backend: str | None = None) -> jax.Array:
+                          preferred_element_type: Any = None, backend: str | None = None,
+                          amax_history: jax.Array | None = None) -> jax.Array:
     """lax.dot_general(lhs, rhs, dimension_numbers) with fprop/dgrad/wgrad quantized per `recipe`.
 
     Batch dims map to B, free lhs dims are flattened into M (tokens), contracting dims into K.
+    amax_history: float32[3, H] for a delayed-scaling recipe (its gradient is the updated history).
     """
+    history = _history_arg(recipe, amax_history, "quantized_dot_general")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     lc, rc, lb, rb, lf, rf = _canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
     for a, b in zip(lc + lb, rc + rb, strict=True):
@@ -251,7 +335,7 @@ def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any
     w = jnp.transpose(rhs, rb + rc + rf).reshape(nb, k, n)
     static = _Static(recipe, backend or select_backend(recipe), precision, out_dtype,
                      lhs.dtype, rhs.dtype)
-    y = _qmatmul(x, w, key, static)
+    y = _qmatmul(x, w, key, history, static)
     out_shape = [lhs.shape[d] for d in lb + lf] + [rhs.shape[d] for d in rf]
     return y.reshape(out_shape)
 
@@ -268,19 +352,21 @@ def dot_general(recipe: Recipe | str, backend: str | None = None) -> Callable[..
     """A drop-in for jax.lax.dot_general whose three GEMMs are quantized as `recipe` says.
 
     fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
-    *, key=None); a recipe without any quantized pass returns exactly lax.dot_general's result.
+    *, key=None, amax_history=None); a recipe without any quantized pass returns exactly
+    lax.dot_general's result. amax_history: required by (only by) delayed-scaling recipes.
     """
     recipe = get_recipe(recipe)
 
     def quantized(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                  out_sharding=None, *, key=None):
+                  out_sharding=None, *, key=None, amax_history=None):
         if not recipe.quantized:
             return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
         if recipe.needs_rng and key is None:
             raise _missing_key_error(recipe, "the dot_general function")
         y = quantized_dot_general(lhs, rhs, dimension_numbers, recipe, key=key, precision=precision,
-                                  preferred_element_type=preferred_element_type, backend=backend)
+                                  preferred_element_type=preferred_element_type, backend=backend,
+                                  amax_history=amax_history)
         if out_sharding is not None:
             y = jax.lax.with_sharding_constraint(y, out_sharding)
         return y
@@ -323,15 +409,17 @@ def _parse_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int):
 def einsum(recipe: Recipe | str, backend: str | None = None) -> Callable[..., jax.Array]:
     """A drop-in for jnp.einsum (two operands, explicit output) built on the quantized dot_general.
 
-    fn(subscripts, lhs, rhs, *, precision=None, preferred_element_type=None, key=None, ...).
+    fn(subscripts, lhs, rhs, *, precision=None, preferred_element_type=None, key=None, amax_history=None).
     """
     dg = dot_general(recipe, backend)
 
     def quantized_einsum(subscripts, lhs, rhs, *, precision=None, preferred_element_type=None,
-                         out_sharding=None, key=None, **unused):
+                         out_sharding=None, key=None, amax_history=None, **unused):
         lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
         dims, perm = _parse_einsum(subscripts, lhs.ndim, rhs.ndim)
         kwargs = {} if key is None else {"key": key}
+        if amax_history is not None:
+            kwargs["amax_history"] = amax_history
         y = dg(lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type,
                **kwargs)
         y = jnp.transpose(y, perm)
@@ -475,54 +563,64 @@ def _ragged_wgrad(static: _Static, x_pad: Operand, dy_pad: Operand, padded_sizes
     return _apply_output_scales(acc, (ts_a, ts_b), (p_a, p_b), has_rows).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _qragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array, key: Any, static: _Static) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _qragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array, key: Any, history: Any,
+             static: _Static) -> jax.Array:
     """Quantized grouped GEMM: rows of x [T, K] in groups (group_sizes [E]) times w [E, K, N]."""
-    return _qragged_fwd(x, w, group_sizes, key, static)[0]
+    return _qragged_fwd(x, w, group_sizes, key, history, static)[0]
 
 
-def _qragged_fwd(x, w, group_sizes, key, static: _Static):
+def _qragged_fwd(x, w, group_sizes, key, history, static: _Static):
     r = static.recipe
     fprop, dgrad, wgrad = r.fprop, r.dgrad, r.wgrad
+    scale = lambda row, cfg: _delayed_scale(history, row, cfg, r)
     # fprop: X [T,K] along K; W [E,K,N] along K (axis 1), or 16x16 tiles of (K, N).
     k_x, k_w, k_s = _pass_keys(key, "fprop")
     x_f, w_f = (x, w) if fprop.hadamard_block is None else (
         _rht_pair(fprop, k_s, x, x)[0], _rht_pair(fprop, k_s, w, w, axis=1)[0])
-    qx = _quantize_operand(x_f, fprop.lhs, k_x, -1, True)
-    qw = _quantize_operand(w_f, fprop.rhs, k_w, (1, 2) if fprop.rhs.block_2d else 1, True)
+    qx, amax_fx = _scaled_operand(x_f, fprop.lhs, k_x, -1, True, scale(ROW_X, fprop.lhs))
+    qw, amax_fw = _scaled_operand(w_f, fprop.rhs, k_w, (1, 2) if fprop.rhs.block_2d else 1, True,
+                                  scale(ROW_W, fprop.rhs))
     y = _ragged(static, qx, qw, group_sizes, static.out_dtype)
     # dgrad operand: W [E,K,N] blocked along N (axis 2).
+    amax_dw = None
     if dgrad.rhs == fprop.rhs and _reusable(fprop.rhs, fprop, dgrad):
         w_dgrad = qw
     else:
         _, k_wd, k_sd = _pass_keys(key, "dgrad")
         w_d = w if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, w, w, axis=2)[0]
-        w_dgrad = _quantize_operand(w_d, dgrad.rhs, k_wd, (1, 2) if dgrad.rhs.block_2d else 2, True)
+        w_dgrad, amax_dw = _scaled_operand(w_d, dgrad.rhs, k_wd, (1, 2) if dgrad.rhs.block_2d else 2, True,
+                                           scale(ROW_W, dgrad.rhs))
     # wgrad operand: X rows scattered so that each group starts on a block boundary, blocked along tokens.
     k_xw, _, k_sw = _pass_keys(key, "wgrad")
     dest, padded_sizes, total = _padded_rows(group_sizes, x.shape[0], _group_block(wgrad))
     x_pad = _scatter_rows(x, dest, total)
     x_pad = x_pad if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, x_pad, x_pad, axis=0)[0]
-    x_wgrad = _quantize_operand(x_pad, wgrad.lhs, k_xw, (0, 1) if wgrad.lhs.block_2d else 0, True)
-    return y, (x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key)
+    x_wgrad, amax_wx = _scaled_operand(x_pad, wgrad.lhs, k_xw, (0, 1) if wgrad.lhs.block_2d else 0, True,
+                                       scale(ROW_X, wgrad.lhs))
+    amaxes = None if history is None else (history, _first(amax_fx, amax_wx), _first(amax_fw, amax_dw))
+    return y, (x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key, amaxes)
 
 
 def _qragged_bwd(static: _Static, residuals, dy):
-    x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key = residuals
+    x_wgrad, w_dgrad, group_sizes, dest, padded_sizes, key, amaxes = residuals
     r = static.recipe
     dgrad, wgrad = r.dgrad, r.wgrad
+    history = None if amaxes is None else amaxes[0]
+    scale = lambda cfg: _delayed_scale(history, ROW_DY, cfg, r)
     # dgrad: dX [T,K] = dY [T,N] · W[g]ᵀ, both blocked along N.
     k_dy, _, k_sd = _pass_keys(key, "dgrad")
     dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
-    q_dy = _quantize_operand(dy_d, dgrad.lhs, k_dy, -1, True)
+    q_dy, amax_d = _scaled_operand(dy_d, dgrad.lhs, k_dy, -1, True, scale(dgrad.lhs))
     dx = _ragged(static, q_dy, w_dgrad, group_sizes, static.lhs_dtype, rhs_contract=2)  # W [E,K,N] over N
     # wgrad: dW[e] = X_eᵀ · dY_e over the block-aligned rows of group e, both blocked along tokens.
     _, k_dyw, k_sw = _pass_keys(key, "wgrad")
     dy_pad = _scatter_rows(dy, dest, x_wgrad.shape[0])
     dy_pad = dy_pad if wgrad.hadamard_block is None else _rht_pair(wgrad, k_sw, dy_pad, dy_pad, axis=0)[0]
-    q_dy_pad = _quantize_operand(dy_pad, wgrad.rhs, k_dyw, (0, 1) if wgrad.rhs.block_2d else 0, True)
+    q_dy_pad, amax_w = _scaled_operand(dy_pad, wgrad.rhs, k_dyw, (0, 1) if wgrad.rhs.block_2d else 0, True,
+                                       scale(wgrad.rhs))
     dw = _ragged_wgrad(static, x_wgrad, q_dy_pad, padded_sizes, static.rhs_dtype)
-    return dx, dw, None, None
+    return dx, dw, None, None, _history_cotangent(amaxes, _first(amax_d, amax_w))
 
 
 _qragged.defvjp(_qragged_fwd, _qragged_bwd)
@@ -530,7 +628,7 @@ _qragged.defvjp(_qragged_fwd, _qragged_bwd)
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: Recipe | str = "bf16",
                key: jax.Array | None = None, preferred_element_type: Any = None,
-               precision: Any = None, impl: str = "xla") -> jax.Array:
+               precision: Any = None, impl: str = "xla", amax_history: jax.Array | None = None) -> jax.Array:
     """Grouped GEMM out[t] = lhs[t] · rhs[g(t)] (rows sorted by group), quantized per `recipe`.
 
     lhs [T, K], rhs [E, K, N], group_sizes int[E] -> [T, N]. fprop blocks along K, dgrad along N,
@@ -542,12 +640,13 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: R
     and the rounding of the scale multiplies (once on the sum, not per element) differ from "xla";
     no case needs the float32 kernel except operands a pass keeps in high precision (their own
     dtype). `precision` applies to "xla" only (the kernel's float32 dots use Triton's default, TF32,
-    on a GPU).
+    on a GPU). amax_history: as for quantized_dot_general (delayed-scaling recipes only).
     """
     if impl not in RAGGED_IMPLS:
         raise ValueError(f"ragged_dot impl must be one of {RAGGED_IMPLS} ('xla': lax.ragged_dot, "
                          f"'pallas': lowbit.kernels.grouped_pallas), got {impl!r}")
     recipe = get_recipe(recipe)
+    history = _history_arg(recipe, amax_history, "ragged_dot")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"ragged_dot expects lhs [T, K], rhs [E, K, N], group_sizes [E]; got "
@@ -563,7 +662,7 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, recipe: R
         raise _missing_key_error(recipe, "ragged_dot")
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
     static = _Static(recipe, "emulate", precision, out_dtype, lhs.dtype, rhs.dtype, impl)
-    return _qragged(lhs, rhs, group_sizes, key, static)
+    return _qragged(lhs, rhs, group_sizes, key, history, static)
 
 
 __all__ = ["dot_general", "einsum", "quantized_dot_general", "ragged_dot"]

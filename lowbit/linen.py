@@ -2,7 +2,9 @@
 
 nn.Dense(features, dot_general_cls=functools.partial(lowbit.linen.QuantDotGeneral, recipe="mxfp8"));
 recipes with stochastic rounding or RHT draw a fresh key per call from `self.make_rng("quant")`,
-so pass rngs={"quant": key} to init/apply.
+so pass rngs={"quant": key} to init/apply. Delayed scaling keeps the amax history in the collection
+"_overwrite_with_gradient" (Flax fp8_ops' convention): differentiate with respect to it as well, and
+flax.training.train_state.TrainState.apply_gradients stores its gradient as its new value.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from flax import linen as nn
 
 from lowbit.dot import dot_general
 from lowbit.recipes import Recipe, get_recipe
+from lowbit.scaling import init_history
+
+OVERWRITE_WITH_GRADIENT = "_overwrite_with_gradient"
 
 
 class QuantDotGeneral(nn.Module):
@@ -34,5 +39,9 @@ class QuantDotGeneral(nn.Module):
                     "(a new key every step) to init/apply"
                 )
             kwargs["key"] = self.make_rng("quant")
+        if recipe.delayed:
+            history = self.variable(OVERWRITE_WITH_GRADIENT, "amax_history", init_history,
+                                    recipe.amax_history_len)
+            kwargs["amax_history"] = history.value
         return dot_general(recipe, self.backend)(lhs, rhs, dimension_numbers, precision,
                                                  preferred_element_type, out_sharding, **kwargs)

@@ -21,9 +21,11 @@ import yaml
 from lowbit.formats import FORMATS, get_format
 from lowbit.quantize import ROUNDINGS, SCALE_MODES
 from lowbit.resources import shipped_dir
+from lowbit.scaling import AMAX_ALGOS
 
 BACKENDS = ("auto", "emulate", "fp8", "native")
 COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+SCALINGS = ("current", "delayed")
 PASSES = ("fprop", "dgrad", "wgrad")
 # Which tensor each pass's operands hold (for messages and docs).
 PASS_OPERANDS = {"fprop": ("X", "W"), "dgrad": ("dY", "W"), "wgrad": ("X", "dY")}
@@ -131,6 +133,8 @@ class Recipe:
 
     high_precision_rules: regexes on module paths ("layers/3/moe/router") left unquantized;
     keep_last_fraction: the last ceil(f·L) decoder layers (`layers/<i>/`) stay high precision.
+    scaling: per-tensor (FP8) scales from this tensor's amax ("current") or from an amax history of
+    `amax_history_len` steps ("delayed", lowbit.scaling; reduced by `amax_compute_algo`).
     A Recipe is hashable, so it can be a static jit argument.
     """
 
@@ -143,6 +147,9 @@ class Recipe:
     keep_last_fraction: float = 0.0
     backend: str = "auto"
     compute_dtype: str = "bfloat16"
+    scaling: str = "current"
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
 
     def __post_init__(self) -> None:
         where = f"Recipe {self.name!r}"
@@ -166,6 +173,29 @@ class Recipe:
             _fail(where, "backend", self.backend, BACKENDS)
         if self.compute_dtype not in COMPUTE_DTYPES:
             _fail(where, "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        self._check_scaling(where)
+
+    def _check_scaling(self, where: str) -> None:
+        if self.scaling not in SCALINGS:
+            _fail(where, "scaling", self.scaling, SCALINGS)
+        n = self.amax_history_len
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail(where, "amax_history_len", n, "an integer >= 1")
+        if self.amax_compute_algo not in AMAX_ALGOS:
+            _fail(where, "amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
+        if self.scaling != "delayed":
+            return
+        tensor_passes = [p for p, pc in self.passes.items() for op in (pc.lhs, pc.rhs)
+                         if op.quantized and get_format(op.format).kind == "tensor"]
+        if not tensor_passes:
+            raise ValueError(f"{where}: scaling 'delayed' applies to per-tensor formats (fp8, fp8_e5m2) and "
+                             "no operand uses one; block-scaled formats take their scales from each block, "
+                             "so use scaling: current")
+        for p in tensor_passes:
+            if self.passes[p].hadamard_block is not None:
+                raise ValueError(f"{where}: pass {p!r} has a random Hadamard transform and a per-tensor "
+                                 "operand; delayed scaling records the amax of the tensor itself, so drop "
+                                 "hadamard_block there or use scaling: current")
 
     # ----------------------------------------------------------------- queries
     @property
@@ -176,6 +206,11 @@ class Recipe:
     def quantized(self) -> bool:
         """False for a pure high-precision recipe (then dot_general is lax.dot_general)."""
         return any(pc.quantized for pc in self.passes.values())
+
+    @property
+    def delayed(self) -> bool:
+        """True if per-tensor scales come from amax histories (state the caller carries)."""
+        return self.quantized and self.scaling == "delayed"
 
     @property
     def needs_rng(self) -> bool:
@@ -205,6 +240,9 @@ class Recipe:
                 f"  RHT{pc.hadamard_block}" if pc.hadamard_block else ""))
         lines.append(f"  high precision: {list(self.high_precision_rules)}, "
                      f"last {self.keep_last_fraction:g} of layers; backend {self.backend}")
+        if self.delayed:
+            lines.append(f"  delayed scaling: {self.amax_compute_algo} of the last {self.amax_history_len} "
+                         "amaxes")
         return "\n".join(lines)
 
     # ----------------------------------------------------------------- YAML

@@ -39,6 +39,7 @@ from lowbit.data import make_train_iter, make_val_batches
 from lowbit.model import Decoder
 from lowbit.model.attention import config_attention_impl
 from lowbit.model.sharding import BATCH_AXES
+from lowbit.nn import AmaxHistory
 
 MESH_AXES = ("data", "fsdp", "expert")
 EXIT_USAGE, EXIT_NONFINITE, EXIT_SIGINT = 2, 3, 130
@@ -166,11 +167,16 @@ def build_step(config: Config, recipe: str | Any, backend: str | None = None) ->
     recipe = with_backend(lowbit.get_recipe(recipe), tc.backend if backend is None else backend)
     mesh = make_mesh(tc)
     check_batch_fits(config.data.global_batch_size, tc.grad_accum_steps, mesh)
-    graphdef, params, rng_state = nnx.split(build_model(config, recipe), nnx.Param, ...)
-    state = init_train_state(params, rng_state, make_optimizer(tc), mesh, config)
+    graphdef, params, amax, rng_state = split_model(build_model(config, recipe))
+    state = init_train_state(params, rng_state, make_optimizer(tc), mesh, config, amax=amax)
     return StepParts(recipe=recipe, mesh=mesh, graphdef=graphdef, state=state,
                      train_step=make_train_step(graphdef, tc, state, mesh),
                      eval_step=make_eval_step(graphdef, mesh), schedule=schedule_values(tc))
+
+
+def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, parameters, amax histories (delayed scaling; else empty), RNG streams and the rest)."""
+    return nnx.split(model, nnx.Param, AmaxHistory, ...)
 
 
 def build_model(config: Config, recipe: Any) -> nnx.Module:
@@ -225,11 +231,12 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_train_state(params: Any, rng_state: Any, optimizer: optax.GradientTransformation,
-                     mesh: Mesh, config: Config) -> dict[str, Any]:
-    """{step, params, opt_state, rng, nonfinite_count, nonfinite_run}, placed on the mesh.
+                     mesh: Mesh, config: Config, amax: Any = None) -> dict[str, Any]:
+    """{step, params, opt_state, rng, nonfinite_count, nonfinite_run} (+ amax: the amax histories of a
+    delayed-scaling recipe), placed on the mesh.
 
-    Only `params` reach the optimizer: the quantization RNG streams (`rng`) are never clipped,
-    decayed or updated by it.
+    Only `params` reach the optimizer: the quantization RNG streams (`rng`) and amax histories are
+    never clipped, decayed or updated by it.
     """
     param_shardings = param_sharding_tree(params, mesh, config.model.num_experts)
     replicated = NamedSharding(mesh, P())
@@ -239,9 +246,12 @@ def init_train_state(params: Any, rng_state: Any, optimizer: optax.GradientTrans
         transform_non_params=lambda _: replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     counter = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return {"step": counter(), "params": params, "opt_state": opt_state,
-            "rng": jax.device_put(rng_state, replicated),
-            "nonfinite_count": counter(), "nonfinite_run": counter()}
+    state = {"step": counter(), "params": params, "opt_state": opt_state,
+             "rng": jax.device_put(rng_state, replicated),
+             "nonfinite_count": counter(), "nonfinite_run": counter()}
+    if amax is not None and jax.tree.leaves(amax):
+        state["amax"] = jax.device_put(amax, replicated)
+    return state
 
 
 # sharding ------------------------------------------------------------------------------------------
@@ -350,6 +360,9 @@ def make_train_step(graphdef: Any, tc: TrainConfig, state: dict[str, Any], mesh:
     or gradient norm keeps params and optimizer state (the RNG streams still advance) and bumps
     `nonfinite_count` / `nonfinite_run`; a finite step resets the run. `loss_offset` is added
     to the reported loss (0; NaN in tests of the guard).
+    Delayed scaling (state["amax"]): the histories' gradients are their next values, combined over
+    microbatches by max; while every history is empty (the first step) the step only fills them
+    (its casts ran at scale 1), leaving params and optimizer state as they were.
     """
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     static = (tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.weight_decay, tc.grad_clip_norm, tc.grad_accum_steps)
@@ -363,57 +376,81 @@ def make_train_step(graphdef: Any, tc: TrainConfig, state: dict[str, Any], mesh:
 
 
 def _train_step_fn(graphdef: Any, optimizer: optax.GradientTransformation, accum_steps: int) -> Callable:
-    def loss_fn(params, rng_state, batch):
+    def loss_fn(params, amax, rng_state, batch):
         # Fresh Variables at this trace level: NNX only lets a trace mutate (the RNG counts of)
         # Variables created under it, and rng_state arrives from the enclosing scan.
-        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rng_state))
+        model = nnx.merge(graphdef, params, amax, jax.tree.map(lambda x: x, rng_state))
         logits, aux = model(batch["inputs"])
         ce = cross_entropy(logits, batch["targets"])
-        _, _, rng_state = nnx.split(model, nnx.Param, ...)
+        rng_state = split_model(model)[3]
         return ce + aux["aux_loss"], (ce, aux, rng_state)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
     def step(state, batch, schedule, loss_offset):
+        amax = state.get("amax", nnx.State({}))
+
         def accumulate(carry, microbatch):
-            grads_sum, rng_state = carry
-            (loss, (ce, aux, rng_state)), grads = grad_fn(state["params"], rng_state, microbatch)
-            return (jax.tree.map(jnp.add, grads_sum, grads), rng_state), {
+            grads_sum, amax_max, rng_state = carry
+            (loss, (ce, aux, rng_state)), (grads, amax_grads) = grad_fn(
+                state["params"], amax, rng_state, microbatch)
+            return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.maximum, amax_max, amax_grads),
+                    rng_state), {
                 "loss": loss, "ce_loss": ce, "aux_loss": aux["aux_loss"],
                 "dropped_fraction": aux["dropped_fraction"], **expert_balance(aux["expert_load"])}
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, rng_state), stats = jax.lax.scan(
-            accumulate, (zeros, state["rng"]), microbatches(batch, accum_steps))
+        (grads, amax_new, rng_state), stats = jax.lax.scan(
+            accumulate, (zeros, jax.tree.map(jnp.zeros_like, amax), state["rng"]),
+            microbatches(batch, accum_steps))
         grads = jax.tree.map(lambda g: g / accum_steps, grads)
         metrics = jax.tree.map(jnp.mean, stats)
         metrics["loss"] = metrics["loss"] + loss_offset
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        calibrating = _histories_empty(amax)
+        update = finite & ~calibrating
         lr = learning_rate(state["step"] - state["nonfinite_count"], schedule)  # skipped steps don't count
         direction, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], jax.tree.map(lambda u: lr * u, direction))
-        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        keep_unless = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         bad = (~finite).astype(jnp.int32)
         new_state = {
             "step": state["step"] + 1,
-            "params": keep_if_bad(params, state["params"]),
-            "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+            "params": keep_unless(update, params, state["params"]),
+            "opt_state": keep_unless(update, opt_state, state["opt_state"]),
             "rng": rng_state,
             "nonfinite_count": state["nonfinite_count"] + bad,
             "nonfinite_run": (state["nonfinite_run"] + bad) * bad,
         }
         metrics.update(grad_norm=grad_norm, lr=lr, nonfinite_count=new_state["nonfinite_count"],
                        nonfinite_run=new_state["nonfinite_run"])
+        if "amax" in state:
+            new_state["amax"] = keep_unless(finite, _stored_histories(amax_new, amax), amax)
+            metrics["amax_calibration"] = calibrating.astype(jnp.int32)
         return new_state, metrics
 
     return step
 
 
+def _histories_empty(amax: Any) -> jax.Array:
+    """True while no amax history holds a value (delayed scaling's first step), False without any."""
+    leaves = jax.tree.leaves(amax)
+    if not leaves:
+        return jnp.bool_(False)
+    return jnp.all(jnp.stack([jnp.all(h == 0) for h in leaves]))
+
+
+def _stored_histories(gradients: Any, old: Any) -> Any:
+    """The histories' gradients as their new values; a history whose gradient is all zero (its GEMM did
+    not run this step) keeps its old value rather than being emptied."""
+    return jax.tree.map(lambda g, h: jnp.where(jnp.any(g != 0), g, h), gradients, old)
+
+
 def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable:
     """jit(state, batch) -> mean cross-entropy; the RNG state it advances is discarded."""
     def eval_loss(state, batch):
-        model = nnx.merge(graphdef, state["params"], state["rng"])
+        model = nnx.merge(graphdef, state["params"], state.get("amax", nnx.State({})), state["rng"])
         logits, _ = model(batch["inputs"])
         return cross_entropy(logits, batch["targets"])
     key = ("eval", graphdef, mesh)

@@ -248,5 +248,30 @@ def quantize_with_transpose(
     return q, dataclasses.replace(q, data=jnp.swapaxes(q.data, -1, -2))
 
 
+def quantize_scaled_with_transpose(
+    x: jax.Array,
+    fmt: Format | str,
+    tensor_scale: jax.Array,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    *,
+    prescale: float = 1.0,
+    transpose: bool = True,
+) -> tuple[QArray, QArray | None, jax.Array]:
+    """(q, q_t or None, amax): lowbit.scaling.quantize_scaled with a given (delayed) tensor scale, from
+    the FP8 cast kernel where use_fp8_cast says so (x read once, no reduction before it), else XLA."""
+    from lowbit.scaling import quantize_scaled
+
+    fmt, x = get_format(fmt), jnp.asarray(x)
+    if use_fp8_cast(x, fmt, rounding):
+        from lowbit.kernels.fp8_cast_pallas import fp8_cast_scaled
+
+        return fp8_cast_scaled(x, fmt.name, tensor_scale, transpose=transpose, prescale=prescale)
+    q, amax = quantize_scaled(x, fmt, tensor_scale, rounding, key, prescale=prescale)
+    q_t = dataclasses.replace(q, data=jnp.swapaxes(q.data, -1, -2)) if transpose else None
+    return q, q_t, amax
+
+
 __all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "get_quantize_impl", "quantize", "quantize_fused_nd", "quantize_impl",
-           "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused"]
+           "quantize_scaled_with_transpose", "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast",
+           "use_fused"]

@@ -1,7 +1,8 @@
 """Per-tensor FP8 cast (and transposed copy) as one Pallas (Triton) kernel: x read once, both layouts written.
 
 q = RNE(clip(flush(x) · (1/s) · prescale, ±max)) with s the tensor scale lowbit.quantize computes
-(amax / max, by an XLA reduction first); the codes come from the GPU's FP8 convert or integer RNE on
+(amax / max, by an XLA reduction first), or a given (delayed) scale, with x's amax written per tile;
+the codes come from the GPU's FP8 convert or integer RNE on
 the float32 bits (quantize_pallas._encode_nearest); the bits equal lowbit.quantize's. The transposed copy is
 what cuBLASLt's TN-only FP8 GEMMs need for wgrad (Transformer Engine's cast_transpose). lowbit.dot
 takes both layouts of X, W and dY from it through lowbit.kernels.dispatch.quantize_with_transpose.
@@ -24,13 +25,21 @@ FP8_FORMATS = ("fp8", "fp8_e5m2")
 
 
 ENCODES = ("integer", "convert")
+_F32_INF_BITS = 0x7F800000
+_AMAX_LANES = 16  # each tile writes its amax into a row this wide (Triton blocks: powers of two >= 16)
 
 
 def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int, elem_max: float,
-            prescale: float, encode: str, storage_dtype):
+            prescale: float, encode: str, storage_dtype, transpose: bool, scaled: bool):
     x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
     x_abs = x_bits & _ABS
-    x = lax.bitcast_convert_type(jnp.where(x_abs < _F32_MIN_NORMAL_BITS, x_bits & _SIGN, x_bits), jnp.float32)
+    normal = x_abs >= _F32_MIN_NORMAL_BITS
+    if scaled:  # a given (delayed) scale: NaN/Inf encode as 0, the scale says the rest (see fp8_cast_scaled)
+        finite = x_abs < _F32_INF_BITS
+        x_bits = jnp.where(normal & finite, x_bits, x_bits & _SIGN)
+    else:
+        x_bits = jnp.where(normal, x_bits, x_bits & _SIGN)
+    x = lax.bitcast_convert_type(x_bits, jnp.float32)
     y = x * params_ref[0]
     if prescale != 1.0:
         y = y * jnp.float32(prescale)
@@ -41,13 +50,29 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
         codes = _encode_nearest(y, emin, mbits, elem_bits).astype(jnp.uint8)
     codes = jnp.where(params_ref[1] != 0, jnp.uint8(0), codes)  # poisoned: the NaN scale says so
     out_refs[0][...] = codes
-    if len(out_refs) > 1:
+    if transpose:
         out_refs[1][...] = codes.T
+    if scaled:  # this tile's amax (float32 bits of non-negative floats order as integers) and NaN/Inf flag
+        amax_ref, nonfinite_ref = out_refs[-2:]
+        tile_amax = jnp.max(jnp.where(finite, x_bits & _ABS, 0))
+        tile_bad = jnp.max(jnp.where(finite, 0, 1))
+        amax_ref[...] = jnp.full(amax_ref.shape, tile_amax, jnp.int32)
+        nonfinite_ref[...] = jnp.full(nonfinite_ref.shape, tile_bad, jnp.int32)
 
 
 def tiles(shape: tuple[int, ...], block: int = 64) -> tuple[int, int]:
     """The kernel's (rows, cols) tile of [..., M, N]: the largest powers of two <= block dividing M and N."""
     return _pow2_divisor(shape[-2], block), _pow2_divisor(shape[-1], block)
+
+
+def _check(x: jax.Array, fmt: str, encode: str) -> None:
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8_cast handles per-tensor {FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
+    if x.ndim < 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"fp8_cast needs a float32/bfloat16/float16 array of rank >= 2 ([..., M, N]), got "
+                         f"{x.dtype}{x.shape}")
+    if encode not in ENCODES:
+        raise ValueError(f"fp8_cast encode must be one of {ENCODES}, got {encode!r}")
 
 
 def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
@@ -61,29 +86,44 @@ def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescal
     encode: "convert" (the GPU's RNE cvt to FP8) or "integer" (RNE on the float32 bits); same bits, the
     convert 1.5x faster on an H100 (tools/bench_fp8_cast.py; 64x64 tiles with 8 warps, docs/benchmarks.md).
     """
-    f = get_format(fmt)
-    if fmt not in FP8_FORMATS:
-        raise ValueError(f"fp8_cast handles per-tensor {FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
-    if x.ndim < 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"fp8_cast needs a float32/bfloat16/float16 array of rank >= 2 ([..., M, N]), got "
-                         f"{x.dtype}{x.shape}")
-    if encode not in ENCODES:
-        raise ValueError(f"fp8_cast encode must be one of {ENCODES}, got {encode!r}")
+    _check(x, fmt, encode)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _fp8_cast_jit(x, f.name, bool(transpose), float(prescale), bool(interpret), int(block), num_warps,
-                         encode)
+    q, q_t, _ = _fp8_cast_jit(x, None, get_format(fmt).name, bool(transpose), float(prescale),
+                              bool(interpret), int(block), num_warps, encode)
+    return q, q_t
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
-def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps, encode):
+def fp8_cast_scaled(x: jax.Array, fmt: str, tensor_scale: jax.Array, *, transpose: bool = False,
+                    prescale: float = 1.0, interpret: bool | None = None, block: int = 64,
+                    num_warps: int | None = 8,
+                    encode: str = "convert") -> tuple[QArray, QArray | None, jax.Array]:
+    """lowbit.scaling.quantize_scaled(x, fmt, tensor_scale) in one read of x: (q, q_t or None, amax).
+
+    No reduction before the kernel (delayed scaling): each tile also writes its amax and a NaN/Inf flag,
+    reduced afterwards over 1/256 of x's size. Same bits, scale and amax as quantize_scaled.
+    """
+    _check(x, fmt, encode)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _fp8_cast_jit(x, jnp.asarray(tensor_scale, jnp.float32), get_format(fmt).name, bool(transpose),
+                         float(prescale), bool(interpret), int(block), num_warps, encode)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, num_warps, encode):
     from jax.experimental import pallas as pl
 
     fmt = get_format(name)
     *lead, m, n = x.shape
-    # lowbit.quantize's own scale; a poisoned tensor's NaN reciprocal is harmless (its codes are zeroed)
-    tensor_scale, poisoned = _per_tensor_scale(_flush_subnormals(x.astype(jnp.float32)), fmt)
-    params = jnp.stack([_div_rn(1.0, tensor_scale), poisoned.astype(jnp.float32)])
+    scaled = given_scale is not None
+    if scaled:
+        tensor_scale = given_scale
+        params = jnp.stack([_div_rn(1.0, tensor_scale), jnp.float32(0)])
+    else:
+        # lowbit.quantize's own scale; a poisoned tensor's NaN reciprocal is harmless (its codes are zeroed)
+        tensor_scale, poisoned = _per_tensor_scale(_flush_subnormals(x.astype(jnp.float32)), fmt)
+        params = jnp.stack([_div_rn(1.0, tensor_scale), poisoned.astype(jnp.float32)])
 
     batch = math.prod(lead)
     x3 = x.reshape(batch, m, n)
@@ -98,6 +138,10 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps, enc
         out_shape.append(jax.ShapeDtypeStruct((batch, n, m), jnp.uint8))
         out_specs.append(pl.BlockSpec((None, bn, bm),
                                       lambda p: (p // per_batch, p % tiles_n, (p // tiles_n) % tiles_m)))
+    if scaled:
+        for _ in range(2):  # per-tile amax bits, per-tile NaN/Inf flag
+            out_shape.append(jax.ShapeDtypeStruct((grid[0], _AMAX_LANES), jnp.int32))
+            out_specs.append(pl.BlockSpec((None, _AMAX_LANES), lambda p: (p, 0)))
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -106,16 +150,21 @@ def _fp8_cast_jit(x, name, transpose, prescale, interpret, block, num_warps, enc
     outs = pl.pallas_call(
         functools.partial(_kernel, emin=fmt.emin, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
                           elem_max=fmt.elem_max, prescale=prescale, encode=encode,
-                          storage_dtype=fmt.storage_dtype),
+                          storage_dtype=fmt.storage_dtype, transpose=transpose, scaled=scaled),
         out_shape=out_shape, grid=grid,
         in_specs=[pl.BlockSpec((2,), lambda p: (0,)), out_specs[0]],  # x's tiles are q's
         out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
-        name=f"lowbit_cast_{fmt.name}",
+        name=f"lowbit_cast_{fmt.name}" + ("_scaled" if scaled else ""),
     )(params, x3)
+
+    amax = None
+    if scaled:
+        amax = lax.bitcast_convert_type(jnp.max(outs[-2]), jnp.float32)
+        tensor_scale = jnp.where(jnp.max(outs[-1]) != 0, jnp.nan, tensor_scale).astype(jnp.float32)
 
     def qarray(codes, shape):
         data = lax.bitcast_convert_type(codes, fmt.storage_dtype).reshape(shape)
         return QArray(data, None, tensor_scale, fmt, tuple(range(x.ndim)), prescale)
 
     q = qarray(outs[0], x.shape)
-    return q, (qarray(outs[1], (*lead, n, m)) if transpose else None)
+    return q, (qarray(outs[1], (*lead, n, m)) if transpose else None), amax

@@ -85,18 +85,21 @@ def _call_layer(layer: DecoderLayer, x: jax.Array, positions: jax.Array):
     return layer(x, positions)
 
 
+# Stacked along the scan's layer axis: every Variable but the RNG streams (parameters, amax histories).
+_PER_LAYER = nnx.Not(nnx.RngState)
+
+
 def _scan_signature(layer: nnx.Module) -> tuple:
     """What must agree for two layers to share one scan body.
 
-    The graph definition (module types, static attributes, the GEMM hooks and their recipes),
-    parameter shapes/dtypes (to stack them), and the identity of every non-parameter Variable: the
-    body carries one copy of those (the shared `quant` RNG stream of quantize_model), so per-layer
-    state (a Variable owned by one layer) keeps that layer out of any segment.
+    The graph definition (module types, static attributes, the GEMM hooks and their recipes), the
+    shapes/dtypes of the per-layer Variables (to stack them: parameters, and the amax histories of
+    delayed scaling), and the identity of every RNG Variable: the body carries one copy of those (the
+    shared `quant` RNG stream of quantize_model), so a layer owning its own stream stays out of any segment.
     """
-    graphdef, params = nnx.split(layer, nnx.Param, ...)[:2]
+    graphdef, params = nnx.split(layer, _PER_LAYER, ...)[:2]
     shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
-    carried = tuple(id(node) for _, node in nnx.iter_graph(layer)
-                    if isinstance(node, nnx.Variable) and not isinstance(node, nnx.Param))
+    carried = tuple(id(node) for _, node in nnx.iter_graph(layer) if isinstance(node, nnx.RngState))
     return graphdef, shapes, carried
 
 
@@ -118,20 +121,20 @@ def _scan_segment(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.A
                   policy: Callable[..., bool] | None) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
     """x -> layers[-1](...layers[0](x)) as one lax.scan over the layers' stacked parameters.
 
-    The non-parameter state (RNG streams) is the scan carry, so each iteration draws the keys the
+    The RNG streams are the scan carry (the rest is stacked), so each iteration draws the keys the
     unrolled loop would draw (the stream's count advances per call): stochastic rounding and
     Hadamard signs differ between layers exactly as without scan. Returns per-layer MoE stats.
     """
-    graphdef, _, carried = nnx.split(layers[0], nnx.Param, ...)
+    graphdef, _, carried = nnx.split(layers[0], _PER_LAYER, ...)
     # A copy with a leading layer axis (unsharded; each layer's sharding carries over to the
     # trailing axes), made per step: parameters stay stored per layer. Its gradient is sliced back.
-    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.state(layer, nnx.Param) for layer in layers))
+    stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.state(layer, _PER_LAYER) for layer in layers))
 
     def body(carry, params):
         h, state = carry
         layer = nnx.merge(graphdef, params, state)
         h, stats = layer(h, positions)
-        return (h, nnx.split(layer, nnx.Param, ...)[2]), stats
+        return (h, nnx.split(layer, _PER_LAYER, ...)[2]), stats
 
     if policy is not None:  # remat per layer, as in the unrolled loop; no CSE to fear inside scan
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)

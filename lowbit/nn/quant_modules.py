@@ -1,7 +1,9 @@
 """NNX modules with jax.lax.dot_general's / ragged_dot's / jnp.einsum's call signatures.
 
 They hold a Recipe and, when the recipe uses stochastic rounding or a random Hadamard transform,
-the NNX RNG stream `quant`, from which every call draws a fresh key (never a fixed key).
+the NNX RNG stream `quant`, from which every call draws a fresh key (never a fixed key). A recipe with
+delayed scaling adds an `AmaxHistory` variable per module: differentiate the loss with respect to it
+too and store its gradient as its new value (`update_amax_histories`), as lowbit.train does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,22 @@ from flax import nnx
 
 from lowbit.dot import dot_general, einsum, ragged_dot
 from lowbit.recipes import Recipe, get_recipe
+from lowbit.scaling import init_history
+
+
+class AmaxHistory(nnx.Variable):
+    """float32[3, H] amaxes of (X, W, dY), newest first (lowbit.scaling). Not a parameter: its
+    "gradient" is its next value, which the optimizer must store, not apply."""
+
+
+def update_amax_histories(model: nnx.Module, grads: nnx.State) -> None:
+    """Store the AmaxHistory gradients of `grads` (taken with nnx.DiffState over AmaxHistory) in `model`.
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, (nnx.Param, AmaxHistory)))(model, ...); then
+    optimizer.update(model, grads.filter(nnx.Param)) and update_amax_histories(model, grads).
+    """
+    nnx.update(model, nnx.filter_state(grads, AmaxHistory) if hasattr(nnx, "filter_state")
+               else grads.filter(AmaxHistory))
 
 
 def _quant_stream(recipe: Recipe, rngs: nnx.Rngs | None, owner: str) -> Any:
@@ -32,9 +50,14 @@ class _QuantOp(nnx.Module):
         self.recipe = get_recipe(recipe)
         self.backend = backend
         self.quant_rng = _quant_stream(self.recipe, rngs, type(self).__name__)
+        self.amax_history = AmaxHistory(init_history(self.recipe.amax_history_len)) if self.recipe.delayed \
+            else None
 
     def _key(self) -> dict[str, jax.Array]:
-        return {} if self.quant_rng is None else {"key": self.quant_rng()}
+        kwargs = {} if self.quant_rng is None else {"key": self.quant_rng()}
+        if self.amax_history is not None:
+            kwargs["amax_history"] = self.amax_history[...]
+        return kwargs
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.recipe.name!r})"

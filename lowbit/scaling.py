@@ -1,0 +1,95 @@
+"""Delayed per-tensor scaling: the scale of step t comes from the amaxes of earlier steps.
+
+s_t = amax(h) / elem_max with h the amax history (newest first; amax(h) = max(h) or h[0]); x is cast
+with s_t, saturating at ±elem_max, and |x|'s own amax enters h for step t+1 (Transformer Engine's
+DelayedScaling; Flax fp8_ops). The amax then rides along the cast instead of being a pass before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.formats import Format, get_format
+from lowbit.quantize import _F32_MIN_NORMAL, QArray, _check_args, _div_rn, _flush_subnormals, _round_elements
+
+# One history row per tensor of a linear layer: lhs X, rhs W, output gradient dY.
+HISTORY_ROWS = ("x", "w", "dy")
+ROW_X, ROW_W, ROW_DY = range(3)
+AMAX_ALGOS = ("max", "most_recent")
+
+
+def init_history(length: int) -> jax.Array:
+    """An empty amax history float32[3, length] (rows HISTORY_ROWS): every tensor's scale is 1 until
+    a training step writes its amax (lowbit.train spends its first step on exactly that)."""
+    return jnp.zeros((len(HISTORY_ROWS), length), jnp.float32)
+
+
+def check_history(history: Any, length: int, where: str) -> jax.Array:
+    """`history` as a float32[3, length] array, or a ValueError naming the shape it needs."""
+    history = jnp.asarray(history)
+    if history.shape != (len(HISTORY_ROWS), length) or history.dtype != jnp.float32:
+        raise ValueError(
+            f"{where}: amax_history must be float32[{len(HISTORY_ROWS)}, {length}] (rows {HISTORY_ROWS}, "
+            f"the recipe's amax_history_len), got {history.dtype}{list(history.shape)}; start from "
+            "lowbit.scaling.init_history(recipe.amax_history_len)")
+    return history
+
+
+def history_amax(row: jax.Array, algo: str) -> jax.Array:
+    """The amax a delayed scale is computed from: max over the history, or its newest entry."""
+    if algo not in AMAX_ALGOS:
+        raise ValueError(f"unknown amax_compute_algo {algo!r}; choose one of {AMAX_ALGOS}")
+    return jnp.max(row) if algo == "max" else row[0]
+
+
+def scale_from_amax(amax: jax.Array, fmt: Format | str) -> jax.Array:
+    """s = amax / elem_max (correctly rounded, >= 2^-126) as current scaling takes it; 1 when amax is 0
+    (an empty history) or not finite."""
+    fmt = get_format(fmt)
+    amax = jnp.asarray(amax, jnp.float32)
+    usable = (amax > 0) & jnp.isfinite(amax)
+    scale = jnp.maximum(_div_rn(jnp.where(usable, amax, 1.0), fmt.elem_max), _F32_MIN_NORMAL)
+    return jnp.where(usable, scale, 1.0).astype(jnp.float32)
+
+
+def updated_history(history: jax.Array, amaxes: jax.Array) -> jax.Array:
+    """Roll every row one step older and put this step's amaxes [3] in front (column 0)."""
+    return jnp.roll(history, 1, axis=1).at[:, 0].set(jnp.asarray(amaxes, jnp.float32))
+
+
+def tensor_amax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max |x| over finite, normal-flushed float32 elements, whether any element is NaN/Inf)."""
+    xf = _flush_subnormals(jnp.asarray(x).astype(jnp.float32))
+    finite = jnp.isfinite(xf)
+    return jnp.max(jnp.where(finite, jnp.abs(xf), 0.0), initial=0.0), ~jnp.all(finite)
+
+
+def quantize_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, rounding: str = "nearest",
+                    key: jax.Array | None = None, *, prescale: float = 1.0) -> tuple[QArray, jax.Array]:
+    """Per-tensor quantize with a given scale s: data = round(clip(x · (1/s) · prescale, ±max)).
+
+    Returns (QArray, amax of x for the history). NaN/Inf elements encode as 0 and make the QArray's
+    tensor scale NaN (its dequantized values and every GEMM with it are NaN, as with current scaling);
+    the amax counts only finite elements, so one bad step does not poison the history.
+    """
+    fmt = get_format(fmt)
+    x = jnp.asarray(x)
+    _check_args(x, rounding, key, "floor")
+    if fmt.kind != "tensor":
+        raise ValueError(f"quantize_scaled is for per-tensor formats (fp8, fp8_e5m2), got {fmt.name!r}; "
+                         "block-scaled formats compute their scales from each block")
+    xf = _flush_subnormals(x.astype(jnp.float32))
+    finite = jnp.isfinite(xf)
+    amax, poisoned = tensor_amax(xf)
+    scale = jnp.asarray(tensor_scale, jnp.float32)
+    y = jnp.where(finite, xf, 0.0) * _div_rn(1.0, scale)
+    data = _round_elements(y, fmt, rounding, key, float(prescale)).astype(fmt.storage_dtype)
+    scale = jnp.where(poisoned, jnp.nan, scale).astype(jnp.float32)
+    return QArray(data, None, scale, fmt, tuple(range(x.ndim)), float(prescale)), amax
+
+
+__all__ = ["AMAX_ALGOS", "HISTORY_ROWS", "check_history", "history_amax", "init_history", "quantize_scaled",
+           "scale_from_amax", "tensor_amax", "updated_history"]
