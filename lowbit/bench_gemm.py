@@ -194,6 +194,7 @@ def parse_list(text: str) -> list[str]:
 GEMM_SHAPES = {"full": [(8192, 8192, 8192), (16384, 4096, 14336), (16384, 14336, 4096)],
                "tiny": [(128, 128, 128), (256, 128, 192), (256, 192, 128)]}
 GEMM_RECIPES = ("bf16", "fp8", "mxfp8", "nvfp4", "mxfp4")
+EXTRA_RECIPES = ("fp8-delayed",)  # accepted by --recipes, not run by default
 GEMM_REFS = ("bf16", "fp8", "mxfp8", "nvfp4")
 
 
@@ -247,14 +248,31 @@ def gemm_backends(recipe_name: str) -> list[str]:
     return names
 
 
-def fwd_bwd_fn(recipe_name: str, backend: str, quantize: str = "auto") -> Callable:
+def steady_history(recipe_name: str, x: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array | None:
+    """For a delayed-scaling recipe, a full amax history of (x, w, dy): its steady state; else None."""
+    import lowbit
+    from lowbit.scaling import init_history, tensor_amax
+    recipe = lowbit.get_recipe(recipe_name)
+    if not recipe.delayed:
+        return None
+    amaxes = jnp.stack([tensor_amax(t)[0] for t in (x, w, dy)])
+    return init_history(recipe.amax_history_len) + amaxes[:, None]
+
+
+def fwd_bwd_fn(recipe_name: str, backend: str, quantize: str = "auto", history: jax.Array | None = None
+               ) -> Callable:
     """(x [M,K], w [N,K], dy [M,N], key) -> (y, dx, dw) through lowbit.dot_general (3 GEMMs), traced
-    with lowbit.kernels' quantize implementation `quantize` (auto | xla | fused)."""
+    with lowbit.kernels' quantize implementation `quantize` (auto | xla | fused). A delayed-scaling
+    recipe runs from `history` (steady_history) and also returns the next history."""
     import lowbit
     from lowbit.kernels import quantize_impl
     dot = lowbit.dot_general(recipe_name, backend=None if backend == "-" else backend)
 
     def step(x, w, dy, key):
+        if history is not None:
+            y, pullback = jax.vjp(lambda a, b, h: dot(a, b, TN, preferred_element_type=BF16, key=key,
+                                                      amax_history=h), x, w, history)
+            return (y, *pullback(dy))
         y, pullback = jax.vjp(lambda a, b: dot(a, b, TN, preferred_element_type=BF16, key=key), x, w)
         return (y, *pullback(dy))
 
@@ -289,9 +307,9 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
     enable_compilation_cache(args.cache_dir)
     runner = Runner("gemm", args.json or default_json("bench_gemm"), args.time_budget_s, vars(args))
     recipes = parse_list(args.recipes)
-    unknown = sorted(set(recipes) - set(GEMM_RECIPES))
+    unknown = sorted(set(recipes) - set(GEMM_RECIPES + EXTRA_RECIPES))
     if unknown:
-        raise ValueError(f"--recipes: unknown {unknown}; choose from {GEMM_RECIPES}")
+        raise ValueError(f"--recipes: unknown {unknown}; choose from {GEMM_RECIPES + EXTRA_RECIPES}")
     refs = [] if args.refs == "none" else parse_list(args.refs)
     impls = parse_quantize_impls(args.quantize_impls)
     key = jax.random.key(0)
@@ -309,8 +327,10 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
                 for impl in (["-"] if backend == "-" else impls):
                     row = {"shape": shape, "variant": recipe_name, "backend": backend, "quantize": impl,
                            "pass": "fwd+bwd"}
-                    runner.run(row, lambda *a: measure(fwd_bwd_fn(*a[:3]), *a[3:]), recipe_name, backend,
-                               "auto" if impl == "-" else impl, step_args, 6.0 * m * k * n, args.iters)
+                    history = steady_history(recipe_name, *step_args[0][:3])
+                    runner.run(row, lambda *a: measure(fwd_bwd_fn(*a[:4]), *a[4:]), recipe_name, backend,
+                               "auto" if impl == "-" else impl, history, step_args, 6.0 * m * k * n,
+                               args.iters)
                     if recipe_name == "bf16":
                         baseline = row
                     set_ratio(row, baseline)

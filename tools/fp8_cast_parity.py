@@ -6,7 +6,9 @@ Rows: (1) kernel bits == XLA bits in both layouts, for each encoder (integer RNE
 for batched [..., M, N] shapes (the MoE's expert operands), edge values (zeros, subnormals,
 power-of-two amax), a NaN-poisoned tensor, and every FP8 midpoint +-1 float32 ulp against ml_dtypes; (2) fp8
 fwd+bwd: y, dX, dW of "auto" vs "xla" (mismatching elements and max relative difference), with a count
-of the cast kernels in the compiled HLO (3 expected: X, W, dY). Exit 1 if a kernel's bits differ or
+of the cast kernels in the compiled HLO (3 expected: X, W, dY); (3) delayed scaling: fp8_cast_scaled
+against lowbit.scaling.quantize_scaled (bits, amax, scale) at a scale that fits and one that saturates,
+and fp8-delayed fwd+bwd+history "auto" vs "xla". Exit 1 if a kernel's bits differ or
 the kernel did not run. --size tiny: small shapes in Pallas interpret mode (switch "fused"), for the CPU.
 """
 
@@ -25,7 +27,8 @@ import numpy as np
 
 import lowbit
 from lowbit.kernels import quantize_fused, quantize_impl
-from lowbit.kernels.fp8_cast_pallas import ENCODES, fp8_cast
+from lowbit.kernels.fp8_cast_pallas import ENCODES, fp8_cast, fp8_cast_scaled
+from lowbit.scaling import init_history, quantize_scaled, tensor_amax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.reference_np import fp8_midpoints  # noqa: E402
@@ -78,6 +81,32 @@ def cast_rows(size: str) -> list[dict]:
     return rows
 
 
+def scaled_rows(size: str) -> list[dict]:
+    """fp8_cast_scaled vs quantize_scaled: codes in both layouts, amax and scale, at the tensor's own
+    scale / 8 (an amax history below the tensor's: values saturate) and x 4 (headroom)."""
+    rows = []
+    for encode in ENCODES:
+        for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
+            for poison in (False, True):
+                x = _cast_input(shape, dtype, i, poison)
+                own = lowbit.quantize(jnp.where(jnp.isfinite(x), x, 0), fmt).tensor_scale
+                for factor in (0.125, 4.0):
+                    scale = own * factor
+                    ref, ref_amax = quantize_scaled(x, fmt, scale)
+                    q, qt, amax = jax.jit(lambda a, s, f=fmt, e=encode: fp8_cast_scaled(
+                        a, f, s, transpose=True, encode=e))(x, scale)
+                    want = _bits(ref.data)
+                    bad = int((_bits(q.data) != want).sum()
+                              + (_bits(qt.data) != np.swapaxes(want, -1, -2)).sum())
+                    same = bool(np.array_equal(_bits(q.tensor_scale), _bits(ref.tensor_scale))
+                                and np.array_equal(_bits(amax), _bits(ref_amax)))
+                    case = (f"{'x'.join(map(str, shape))} {fmt} {jnp.dtype(dtype).name} s x{factor:g}"
+                            f"{' NaN' if poison else ''}")
+                    rows.append({"check": f"scaled cast {encode}", "case": case, "mismatches": bad,
+                                 "scale_equal": same, "ok": bad == 0 and same})
+    return rows
+
+
 def mx_kernel_rows() -> list[dict]:
     """The MX kernel's default encoders (FP8 convert, E2M1 compares) on every midpoint +-1 ulp, in blocks of
     32 that each hold the element maximum (E8M0 scale 2^0): codes == ml_dtypes' RNE cast of the values."""
@@ -106,11 +135,13 @@ def mx_kernel_rows() -> list[dict]:
     return rows
 
 
-def dot_rows(size: str, kernel_impl: str) -> list[dict]:
+def dot_rows(size: str, kernel_impl: str, recipe_name: str = "fp8") -> list[dict]:
     """fp8 fwd+bwd under `kernel_impl` vs "xla". float32 compute on the CPU: its dot runtime has no
-    bfloat16 x bfloat16 -> float32 for the layout the interpret-mode kernel leads XLA to."""
+    bfloat16 x bfloat16 -> float32 for the layout the interpret-mode kernel leads XLA to. A delayed
+    recipe runs from a history of the operands' amaxes / 2 (so the casts saturate), and its next
+    history is compared too."""
     rows = []
-    recipe = lowbit.get_recipe("fp8")
+    recipe = lowbit.get_recipe(recipe_name)
     if jax.default_backend() == "cpu":
         recipe = dataclasses.replace(recipe, compute_dtype="float32")
     dg = lowbit.dot_general(recipe)
@@ -121,18 +152,28 @@ def dot_rows(size: str, kernel_impl: str) -> list[dict]:
         w = (jax.random.normal(keys[1], rhs_shape, jnp.float32) / 64).astype(jnp.bfloat16)
         g = jax.random.normal(keys[2], out_shape, jnp.bfloat16)
         results, kernels = {}, {}
+        history = None
+        if recipe.delayed:
+            amaxes = jnp.stack([tensor_amax(t)[0] for t in (x, w, g)]) / 2
+            history = init_history(recipe.amax_history_len).at[:, 0].set(amaxes)
         for impl in ("xla", kernel_impl):
-            def run(x, w, g, dims=dims):
-                y, vjp = jax.vjp(lambda a, b: dg(a, b, dims, preferred_element_type=jnp.bfloat16), x, w)  # noqa: B023
+            def run(x, w, g, h, dims=dims):
+                if h is None:
+                    y, vjp = jax.vjp(lambda a, b: dg(a, b, dims, preferred_element_type=jnp.bfloat16), x, w)  # noqa: B023
+                else:
+                    y, vjp = jax.vjp(lambda a, b, c: dg(a, b, dims, preferred_element_type=jnp.bfloat16,  # noqa: B023
+                                                        amax_history=c), x, w, h)
                 return (y, *vjp(g))
             with quantize_impl(impl):
-                compiled = jax.jit(run).lower(x, w, g).compile()
+                compiled = jax.jit(run).lower(x, w, g, history).compile()
             kernels[impl] = compiled.as_text().count("lowbit_cast_")
-            results[impl] = compiled(x, w, g)
-        for name, a, b in zip(("y", "dx", "dw"), results[kernel_impl], results["xla"], strict=True):
+            results[impl] = compiled(x, w, g, history)
+        names = ("y", "dx", "dw", "history")
+        for name, a, b in zip(names, results[kernel_impl], results["xla"], strict=False):
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             rel = float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), 1e-30))
-            rows.append({"check": f"dot fp8 {kernel_impl} vs xla", "case": f"{lhs_shape}x{rhs_shape} {name}",
+            rows.append({"check": f"dot {recipe_name} {kernel_impl} vs xla",
+                         "case": f"{lhs_shape}x{rhs_shape} {name}",
                          "mismatches": int((_bits(a) != _bits(b)).sum()), "max_rel_diff": rel,
                          "cast_kernels": kernels, "ok": kernels[kernel_impl] >= 3 and kernels["xla"] == 0})
     return rows
@@ -145,10 +186,11 @@ def main() -> int:
     args = p.parse_args()
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}", flush=True)
     kernel_impl = "auto" if jax.default_backend() == "gpu" else "fused"
-    rows = cast_rows(args.size) + mx_kernel_rows() + dot_rows(args.size, kernel_impl)
+    rows = (cast_rows(args.size) + scaled_rows(args.size) + mx_kernel_rows()
+            + dot_rows(args.size, kernel_impl) + dot_rows(args.size, kernel_impl, "fp8-delayed"))
     for r in rows:
         extra = f"  max_rel_diff {r['max_rel_diff']:.2e}  {r['cast_kernels']}" if "max_rel_diff" in r else ""
-        print(f"{r['check']:<22} {r['case']:<44} mismatches {r['mismatches']:>8}{extra}  "
+        print(f"{r['check']:<28} {r['case']:<44} mismatches {r['mismatches']:>8}{extra}  "
               f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
