@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU work of the eighth 2026-11-23 session and what is left, one device call (<= 10 min) per mode.
+# The GPU work of the ninth 2026-11-24 session and what is left, one device call (<= 10 min) per mode.
+#   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
+#                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
+#   tools/device_next.sh delayed2  fp8-delayed vs fp8 at moe-2.8b and small, and 200 training steps of small
 # Done in the eighth session (docs/benchmarks.md "Eighth session"): fp8cast, fp8prof, convert, fp4enc, bigsmall,
-# embedgrad. Left: delayed scaling (amax off the critical path) has no mode yet.
+# embedgrad.
 # Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
 # Done in the seventh session (docs/benchmarks.md): fp8 cast variants (tools/fp8_cast_study.py, in git at
 # fa12517 and c26312d; all reverted), moe-1.8b bf16/mxfp4/fp8 (`steps4` with fp8), Blackwell AOT with mxfp4
@@ -35,6 +38,19 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  delayed)  # ninth session: delayed scaling (amax histories; the cast kernel writes the amax, no pass before it)
+    run timeout 100 python3 tools/fp8_cast_parity.py --json "$out/parity_delayed.json"
+    run timeout 130 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8,fp8-delayed --refs none \
+      --cache-dir /tmp/xla_cache --time-budget-s 120 --json "$out/gemm_delayed.json"
+    run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8,fp8-delayed \
+      --cache-dir /tmp/xla_cache --time-budget-s 315 --json "$out/step_moe18b_delayed.json"
+    ;;
+  delayed2)  # ninth session: fp8-delayed at the largest MoE config and small, then the small config trained
+    run timeout 330 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8,fp8-delayed \
+      --cache-dir /tmp/xla_cache --time-budget-s 315 --json "$out/step_moe28b_delayed.json"
+    run timeout 200 python3 -m lowbit.bench step --configs small --recipes fp8,fp8-delayed \
+      --cache-dir /tmp/xla_cache --time-budget-s 190 --json "$out/step_small_delayed.json"
+    ;;
   fp8cast)  # eighth session: the cast(+transpose) kernel wired into lowbit.dot; XLA quantize vs the kernel
     run timeout 90 python3 tools/fp8_cast_parity.py --json "$out/fp8_cast_parity.json"
     run timeout 150 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8 --quantize-impls xla,auto --refs fp8 \
@@ -144,5 +160,5 @@ case "$1" in
     run timeout 120 python3 -m lowbit.train --recipe bf16 --config small --steps 200 --workdir $w/bf16-fsdp2
     tar czf "$out/runs.tgz" --exclude=checkpoints -C "$w" .
     ;;
-  *) echo "usage: $0 steps|steps4|big|fp8pallas|profile|multi|multi2|multi3|multi4" >&2; exit 2 ;;
+  *) echo "usage: $0 delayed|delayed2|steps|steps4|big|fp8pallas|profile|multi|multi2|multi3|multi4" >&2; exit 2 ;;
 esac
