@@ -56,8 +56,22 @@ def scale_from_amax(amax: jax.Array, fmt: Format | str) -> jax.Array:
 
 
 def updated_history(history: jax.Array, amaxes: jax.Array) -> jax.Array:
-    """Roll every row one step older and put this step's amaxes [3] in front (column 0)."""
-    return jnp.roll(history, 1, axis=1).at[:, 0].set(jnp.asarray(amaxes, jnp.float32))
+    """Roll every row one step older and put this step's amaxes [..., 3] in front (column 0); leading
+    axes (a scan's stacked layers) are kept."""
+    return jnp.roll(history, 1, axis=-1).at[..., 0].set(jnp.asarray(amaxes, jnp.float32))
+
+
+def next_history(history: jax.Array, gradient: jax.Array) -> jax.Array:
+    """The stored history after a step, from the history's gradient (the custom VJP's updated_history).
+
+    The older columns are rebuilt from `history` itself and only column 0 is read from the gradient:
+    autodiff sums the gradients of a hook called k times per step (MoE experts: wi_0, wi_1, wo share
+    one), so its column 0 holds the sum of the k amaxes, >= their max (no saturation, at most log2(k)
+    binades of headroom spent), while its older columns would be k times the old ones. A history whose
+    gradient is all zero (its hook did not run) keeps its value.
+    """
+    used = jnp.any(gradient != 0)
+    return jnp.where(used, updated_history(history, gradient[..., :, 0]), history)
 
 
 def tensor_amax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -91,5 +105,6 @@ def quantize_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, ro
     return QArray(data, None, scale, fmt, tuple(range(x.ndim)), float(prescale)), amax
 
 
-__all__ = ["AMAX_ALGOS", "HISTORY_ROWS", "check_history", "history_amax", "init_history", "quantize_scaled",
+__all__ = ["AMAX_ALGOS", "HISTORY_ROWS", "check_history", "history_amax", "init_history", "next_history",
+           "quantize_scaled",
            "scale_from_amax", "tensor_amax", "updated_history"]

@@ -40,6 +40,7 @@ from lowbit.model import Decoder
 from lowbit.model.attention import config_attention_impl
 from lowbit.model.sharding import BATCH_AXES
 from lowbit.nn import AmaxHistory
+from lowbit.scaling import next_history
 
 MESH_AXES = ("data", "fsdp", "expert")
 EXIT_USAGE, EXIT_NONFINITE, EXIT_SIGINT = 2, 3, 130
@@ -442,9 +443,9 @@ def _histories_empty(amax: Any) -> jax.Array:
 
 
 def _stored_histories(gradients: Any, old: Any) -> Any:
-    """The histories' gradients as their new values; a history whose gradient is all zero (its GEMM did
-    not run this step) keeps its old value rather than being emptied."""
-    return jax.tree.map(lambda g, h: jnp.where(jnp.any(g != 0), g, h), gradients, old)
+    """Each history after the step (lowbit.scaling.next_history: this step's amaxes from the gradient,
+    older ones from the history; unchanged where its hook did not run)."""
+    return jax.tree.map(next_history, old, gradients)
 
 
 def make_eval_step(graphdef: Any, mesh: Mesh) -> Callable:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from lowbit.dot import dot_general, einsum, ragged_dot
 from lowbit.recipes import Recipe, get_recipe
-from lowbit.scaling import init_history
+from lowbit.scaling import init_history, next_history
 
 
 class AmaxHistory(nnx.Variable):
@@ -24,13 +24,16 @@ class AmaxHistory(nnx.Variable):
 
 
 def update_amax_histories(model: nnx.Module, grads: nnx.State) -> None:
-    """Store the AmaxHistory gradients of `grads` (taken with nnx.DiffState over AmaxHistory) in `model`.
+    """Store each AmaxHistory's next value (lowbit.scaling.next_history of its gradient in `grads`, taken
+    with nnx.DiffState over AmaxHistory) in `model`.
 
     grads = nnx.grad(loss, argnums=nnx.DiffState(0, (nnx.Param, AmaxHistory)))(model, ...); then
     optimizer.update(model, grads.filter(nnx.Param)) and update_amax_histories(model, grads).
     """
-    nnx.update(model, nnx.filter_state(grads, AmaxHistory) if hasattr(nnx, "filter_state")
-               else grads.filter(AmaxHistory))
+    grads = nnx.filter_state(grads, AmaxHistory) if hasattr(nnx, "filter_state") \
+        else grads.filter(AmaxHistory)
+    current = nnx.state(model, AmaxHistory)
+    nnx.update(model, jax.tree.map(next_history, current, grads))
 
 
 def _quant_stream(recipe: Recipe, rngs: nnx.Rngs | None, owner: str) -> Any:
