@@ -39,11 +39,13 @@ log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
   delayed)  # ninth session: delayed scaling (amax histories; the cast kernel writes the amax, no pass before it)
-    run timeout 100 python3 tools/fp8_cast_parity.py --json "$out/parity_delayed.json"
-    run timeout 130 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8,fp8-delayed --refs none \
-      --cache-dir /tmp/xla_cache --time-budget-s 120 --json "$out/gemm_delayed.json"
+    run timeout 220 python3 tools/fp8_cast_parity.py --json "$out/parity_delayed.json"
     run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8,fp8-delayed \
       --cache-dir /tmp/xla_cache --time-budget-s 315 --json "$out/step_moe18b_delayed.json"
+    ;;
+  delayedgemm)  # ninth session: the fp8 linear layer, fp8 vs fp8-delayed (run first, in the delayed call)
+    run timeout 130 python3 -m lowbit.bench gemm --shapes 1 --recipes fp8,fp8-delayed --refs none \
+      --cache-dir /tmp/xla_cache --time-budget-s 120 --json "$out/gemm_delayed.json"
     ;;
   delayed2)  # ninth session: fp8-delayed at the largest MoE config and small, then the small config trained
     run timeout 330 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8,fp8-delayed \
