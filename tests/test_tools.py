@@ -122,6 +122,11 @@ def test_fp8_cast_parity_runs_on_cpu(tmp_path, monkeypatch):
     assert len(casts) == 12 and all(r["mismatches"] == 0 and r["scale_equal"] for r in casts)
     mx = [r for r in rows if r["check"] == "mx kernel default"]  # MXFP8 E4M3/E5M2 convert, MXFP4 compares
     assert len(mx) == 3 and all(r["ok"] for r in mx)
-    assert len(dots) == 3 and all(r["cast_kernels"]["fused"] >= 3 and r["cast_kernels"]["xla"] == 0
+    # fp8: y, dx, dw; fp8-delayed: the same and the next amax history
+    assert len(dots) == 7 and all(r["cast_kernels"]["fused"] >= 3 and r["cast_kernels"]["xla"] == 0
                                   for r in dots)
     assert all(r["max_rel_diff"] < 1e-2 for r in dots)  # bf16 outputs; dW's float32 order may differ
+    assert all(r["mismatches"] == 0 for r in dots if not r["case"].endswith(" dw"))
+    # delayed scaling's cast: 2 encoders x 2 shapes x clean/NaN x (saturating, headroom) scales
+    scaled = [r for r in rows if r["check"].startswith("scaled cast")]
+    assert len(scaled) == 16 and all(r["ok"] for r in scaled)
