@@ -373,16 +373,23 @@ def _round_elements(y, fmt, rounding, key, prescale, index=None) -> jax.Array:
     return round_to_grid(y, fmt, rounding, key, index)
 
 
+def _finite_amax(xf, initial: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """(max |xf| over the finite elements of flushed float32 xf, whether any is NaN/Inf); `initial`:
+    jnp.max's value for an empty xf (None: an empty xf is an error)."""
+    finite = jnp.isfinite(xf)
+    return jnp.max(jnp.where(finite, jnp.abs(xf), 0.0), initial=initial), ~jnp.all(finite)
+
+
+def _scale_of_amax(amax, fmt) -> jax.Array:
+    """s = amax / elem_max (correctly rounded, >= the smallest normal) for a finite amax >= 0; 1 for 0."""
+    return jnp.where(amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL))
+
+
 def _per_tensor_scale(xf, fmt) -> tuple[jax.Array, jax.Array]:
     """(tensor scale, poisoned) of flushed float32 xf: s = amax / elem_max over the finite values (1 for
     an all-zero tensor, at least the smallest normal), NaN when any element is NaN/Inf."""
-    finite = jnp.isfinite(xf)
-    amax = jnp.max(jnp.where(finite, jnp.abs(xf), 0.0))
-    poisoned = ~jnp.all(finite)
-    tensor_scale = jnp.where(
-        amax == 0, 1.0, jnp.maximum(_div_rn(amax, fmt.elem_max), _F32_MIN_NORMAL)
-    )
-    return jnp.where(poisoned, jnp.nan, tensor_scale).astype(jnp.float32), poisoned
+    amax, poisoned = _finite_amax(xf)
+    return jnp.where(poisoned, jnp.nan, _scale_of_amax(amax, fmt)).astype(jnp.float32), poisoned
 
 
 def _quantize_per_tensor(xf, fmt, rounding, key, prescale) -> QArray:

@@ -13,7 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.formats import Format, get_format
-from lowbit.quantize import _F32_MIN_NORMAL, QArray, _check_args, _div_rn, _flush_subnormals, _round_elements
+from lowbit.quantize import (
+    QArray,
+    _check_args,
+    _div_rn,
+    _finite_amax,
+    _flush_subnormals,
+    _round_elements,
+    _scale_of_amax,
+)
 
 # One history row per tensor of a linear layer: lhs X, rhs W, output gradient dY.
 HISTORY_ROWS = ("x", "w", "dy")
@@ -48,11 +56,10 @@ def history_amax(row: jax.Array, algo: str) -> jax.Array:
 def scale_from_amax(amax: jax.Array, fmt: Format | str) -> jax.Array:
     """s = amax / elem_max (correctly rounded, >= 2^-126) as current scaling takes it; 1 when amax is 0
     (an empty history) or not finite."""
-    fmt = get_format(fmt)
     amax = jnp.asarray(amax, jnp.float32)
     usable = (amax > 0) & jnp.isfinite(amax)
-    scale = jnp.maximum(_div_rn(jnp.where(usable, amax, 1.0), fmt.elem_max), _F32_MIN_NORMAL)
-    return jnp.where(usable, scale, 1.0).astype(jnp.float32)
+    return jnp.where(usable, _scale_of_amax(jnp.where(usable, amax, 0.0), get_format(fmt)), 1.0
+                     ).astype(jnp.float32)
 
 
 def updated_history(history: jax.Array, amaxes: jax.Array) -> jax.Array:
@@ -76,9 +83,7 @@ def next_history(history: jax.Array, gradient: jax.Array) -> jax.Array:
 
 def tensor_amax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(max |x| over finite, normal-flushed float32 elements, whether any element is NaN/Inf)."""
-    xf = _flush_subnormals(jnp.asarray(x).astype(jnp.float32))
-    finite = jnp.isfinite(xf)
-    return jnp.max(jnp.where(finite, jnp.abs(xf), 0.0), initial=0.0), ~jnp.all(finite)
+    return _finite_amax(_flush_subnormals(jnp.asarray(x).astype(jnp.float32)), initial=0.0)
 
 
 def quantize_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, rounding: str = "nearest",
@@ -97,7 +102,7 @@ def quantize_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, ro
                          "block-scaled formats compute their scales from each block")
     xf = _flush_subnormals(x.astype(jnp.float32))
     finite = jnp.isfinite(xf)
-    amax, poisoned = tensor_amax(xf)
+    amax, poisoned = _finite_amax(xf, initial=0.0)
     scale = jnp.asarray(tensor_scale, jnp.float32)
     y = jnp.where(finite, xf, 0.0) * _div_rn(1.0, scale)
     data = _round_elements(y, fmt, rounding, key, float(prescale)).astype(fmt.storage_dtype)
@@ -106,5 +111,4 @@ def quantize_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, ro
 
 
 __all__ = ["AMAX_ALGOS", "HISTORY_ROWS", "check_history", "history_amax", "init_history", "next_history",
-           "quantize_scaled",
-           "scale_from_amax", "tensor_amax", "updated_history"]
+           "quantize_scaled", "scale_from_amax", "tensor_amax", "updated_history"]
