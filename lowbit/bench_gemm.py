@@ -323,11 +323,11 @@ def bench_gemm(args: argparse.Namespace) -> Runner:
         step_args = [(xs[i], ws[i], dys[i], jax.random.fold_in(key, i)) for i in range(sets)]
         baseline = None
         for recipe_name in ["bf16"] + [r for r in recipes if r != "bf16"]:
+            history = steady_history(recipe_name, *step_args[0][:3])
             for backend in gemm_backends(recipe_name):
                 for impl in (["-"] if backend == "-" else impls):
                     row = {"shape": shape, "variant": recipe_name, "backend": backend, "quantize": impl,
                            "pass": "fwd+bwd"}
-                    history = steady_history(recipe_name, *step_args[0][:3])
                     runner.run(row, lambda *a: measure(fwd_bwd_fn(*a[:4]), *a[4:]), recipe_name, backend,
                                "auto" if impl == "-" else impl, history, step_args, 6.0 * m * k * n,
                                args.iters)
