@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lowbit
+from lowbit.formats import get_format
 from lowbit.kernels.fp8_cast_pallas import fp8_cast
 from tests.reference_np import fp8_midpoints
 
@@ -104,3 +105,33 @@ def test_bad_input_names_the_fix():
         fp8_cast(jnp.ones((16, 32)), "fp8", encode="fast", interpret=True)
     with pytest.raises(ValueError, match="float32/bfloat16/float16"):
         fp8_cast(jnp.ones((16, 32), jnp.int32), "fp8", interpret=True)
+    with pytest.raises(ValueError, match="non-empty array.*lowbit.quantize"):
+        fp8_cast(jnp.ones((0, 32)), "fp8", interpret=True)
+
+
+def test_format_object_is_its_name():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((32, 64)), jnp.float32)
+    by_name, _ = fp8_cast(x, "fp8_e5m2", interpret=True)
+    by_object, _ = fp8_cast(x, get_format("fp8_e5m2"), interpret=True)
+    np.testing.assert_array_equal(_bits(by_object.data), _bits(by_name.data))
+    assert by_object.fmt == by_name.fmt
+
+
+@pytest.mark.parametrize("cc, want", [(8.0, "integer"), (8.9, "integer"), (9.0, "convert"),
+                                      (10.0, "convert")])
+def test_auto_encode_takes_the_convert_only_where_it_is_exact(monkeypatch, cc, want):
+    """Triton's float32 -> FP8 convert is one RNE cvt from sm_90 on; below it rounds via f16 (twice)."""
+    from lowbit.kernels import fp8_cast_pallas, quantize_pallas
+
+    monkeypatch.setattr(quantize_pallas, "_gpu_compute_capability", lambda: cc)
+    x = jnp.ones((16, 32))
+    assert fp8_cast_pallas._checked(x, "fp8", "auto", interpret=False)[2] == want
+    assert fp8_cast_pallas._checked(x, "fp8", "auto", interpret=True)[2] == "convert"  # XLA's exact cast
+    mxfp8 = get_format("mxfp8")
+    assert quantize_pallas._resolve_encode("auto", mxfp8, "nearest", False) == want
+    assert quantize_pallas._resolve_encode("auto", get_format("mxfp4"), "nearest", False) == "threshold"
+    if want == "integer":
+        with pytest.raises(ValueError, match="sm_90.*'integer'"):
+            fp8_cast_pallas._checked(x, "fp8", "convert", interpret=False)
+        with pytest.raises(ValueError, match="sm_90.*'integer'"):
+            quantize_pallas._resolve_encode("convert", mxfp8, "nearest", False)

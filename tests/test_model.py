@@ -746,17 +746,19 @@ def test_iota_embed_matches_lookup_and_its_gradient_is_the_row_sums(dtype):
     np.testing.assert_allclose(pulled_back(False), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("chunk", [4, 7, 4096])  # 10 tokens: whole chunks, a padded last chunk, one chunk
+# [2, 5] tokens; chunks of 5 // 2 columns: 1 (whole), 2 and 3 (a padded last chunk), 5 (one chunk)
+@pytest.mark.parametrize("chunk", [1, 4, 7, 4096])
 def test_gemm_embed_grad_is_the_gather_with_row_sum_gradient(monkeypatch, chunk):
     """grad="gemm": the gather's values, and a table gradient equal to the float64 row sums of the
-    cotangent (hot token 3 summed 6 times); out-of-range ids get no gradient, as with the scatter."""
+    cotangent (hot token 3 summed 5 times); negative ids wrap as in jnp.take (-1 -> 15, -16 -> 0);
+    ids out of range either way (16, -17) get no gradient, as with the scatter."""
     from lowbit.model import decoder
 
     monkeypatch.setattr(decoder, "_EMBED_GRAD_CHUNK", chunk)
     embedder = nnx.Embed(16, 8, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    tokens = jnp.asarray([[3, 3, 3, 0, 15], [3, 7, 3, 3, 16]], jnp.int32)  # 16: out of range
-    np.testing.assert_array_equal(embed_tokens(embedder, tokens[:, :4], False, "gemm"),
-                                  embed_tokens(embedder, tokens[:, :4], False))
+    tokens = jnp.asarray([[3, 3, -1, -16, 15], [3, 7, 3, 16, -17]], jnp.int32)
+    np.testing.assert_array_equal(embed_tokens(embedder, tokens[:, :3], False, "gemm"),
+                                  embed_tokens(embedder, tokens[:, :3], False))
     cotangent = np.random.default_rng(2).standard_normal((2, 5, 8))
     graphdef, params = nnx.split(embedder)
 
@@ -765,8 +767,10 @@ def test_gemm_embed_grad_is_the_gather_with_row_sum_gradient(monkeypatch, chunk)
         return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0) * cotangent)
 
     want = np.zeros((16, 8))
-    valid = np.asarray(tokens).ravel() < 16
-    np.add.at(want, np.asarray(tokens).ravel()[valid], cotangent.reshape(-1, 8)[valid])
+    ids = np.asarray(tokens).ravel()
+    ids = np.where(ids < 0, ids + 16, ids)
+    valid = (ids >= 0) & (ids < 16)
+    np.add.at(want, ids[valid], cotangent.reshape(-1, 8)[valid])
     got = np64(jax.grad(loss)(params, "gemm")["embedding"][...])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np64(jax.grad(loss)(params, "scatter")["embedding"][...]), want,
@@ -775,11 +779,25 @@ def test_gemm_embed_grad_is_the_gather_with_row_sum_gradient(monkeypatch, chunk)
         embed_tokens(embedder, tokens, False, "onehot")
 
 
+def test_gemm_embed_grad_of_no_tokens_is_zero():
+    """An empty batch has a zero table gradient (not a division by a zero-token chunk)."""
+    embedder = nnx.Embed(16, 8, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(embedder)
+    for shape in [(0, 5), (2, 0)]:
+        tokens = jnp.zeros(shape, jnp.int32)
+
+        def loss(params, tokens=tokens):
+            return jnp.sum(embed_tokens(nnx.merge(graphdef, params), tokens, False, "gemm"))
+
+        grad = jax.grad(loss)(params)
+        np.testing.assert_array_equal(grad["embedding"][...], np.zeros((16, 8)))
+
+
 def test_iota_embed_model_matches_lookup_model():
     tokens = random_tokens(27, 2, 8)
     logits = [forward(Decoder(tiny(use_iota_embed=iota, embed_grad=grad), rngs=nnx.Rngs(28)), tokens)[0]
               for iota, grad in ((False, "scatter"), (True, "scatter"), (False, "gemm"))]
     np.testing.assert_array_equal(logits[0], logits[1])
     np.testing.assert_array_equal(logits[0], logits[2])
-    with pytest.raises(ValueError, match="embed_grad must be 'scatter' or 'gemm'"):
+    with pytest.raises(ValueError, match="embed_grad must be one of"):
         tiny(embed_grad="onehot")

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.formats import Format, get_format
-from lowbit.kernels.quantize_pallas import fused_available, normalized_axes, quantize_fused
+from lowbit.kernels.quantize_pallas import _triton_available, fused_available, normalized_axes, quantize_fused
 from lowbit.quantize import QArray
 from lowbit.quantize import quantize as quantize_xla
 
@@ -220,7 +220,7 @@ def use_fp8_cast(x: jax.Array, fmt: Format | str, rounding: str = "nearest") -> 
         return False
     if x.ndim < 2 or x.size == 0 or jnp.dtype(x.dtype) not in _CAST_DTYPES:
         return False
-    if require_gpu and not _on_gpu():
+    if (require_gpu and not _on_gpu()) or (_on_gpu() and not _triton_available()):
         return False
     return min(tiles(tuple(x.shape))) >= _FP8_CAST_MIN_TILE
 

@@ -17,14 +17,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit.formats import get_format
-from lowbit.kernels.quantize_pallas import _ABS, _F32_MIN_NORMAL_BITS, _SIGN, _encode_nearest, _pow2_divisor
+from lowbit.formats import Format, get_format
+from lowbit.kernels.quantize_pallas import (
+    _ABS,
+    _F32_MIN_NORMAL_BITS,
+    _SIGN,
+    _encode_nearest,
+    _pow2_divisor,
+    fp8_convert_is_exact,
+)
 from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scale
 
 FP8_FORMATS = ("fp8", "fp8_e5m2")
 
 
-ENCODES = ("integer", "convert")
+ENCODES = ("auto", "integer", "convert")  # auto: convert where it is exact (sm_90+), else integer
 _F32_INF_BITS = 0x7F800000
 _AMAX_LANES = 16  # each tile writes its amax into a row this wide (Triton blocks: powers of two >= 16)
 
@@ -65,49 +72,59 @@ def tiles(shape: tuple[int, ...], block: int = 64) -> tuple[int, int]:
     return _pow2_divisor(shape[-2], block), _pow2_divisor(shape[-1], block)
 
 
-def _check(x: jax.Array, fmt: str, encode: str) -> None:
-    if fmt not in FP8_FORMATS:
-        raise ValueError(f"fp8_cast handles per-tensor {FP8_FORMATS}, got {fmt!r}; use lowbit.quantize")
+def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | None) -> tuple[str, bool, str]:
+    """(format name, interpret, resolved encode) after refusing what the kernel cannot take."""
+    name = fmt.name if isinstance(fmt, Format) else fmt
+    if name not in FP8_FORMATS:
+        raise ValueError(f"fp8_cast handles per-tensor {FP8_FORMATS}, got {name!r}; use lowbit.quantize")
     if x.ndim < 2 or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"fp8_cast needs a float32/bfloat16/float16 array of rank >= 2 ([..., M, N]), got "
-                         f"{x.dtype}{x.shape}")
+                         f"{x.dtype}{x.shape}; use lowbit.quantize")
+    if x.size == 0:
+        raise ValueError(f"fp8_cast needs a non-empty array, got shape {x.shape}; use lowbit.quantize")
     if encode not in ENCODES:
         raise ValueError(f"fp8_cast encode must be one of {ENCODES}, got {encode!r}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    exact = fp8_convert_is_exact(interpret)
+    if encode == "convert" and not exact:
+        raise ValueError("fp8_cast encode='convert' rounds exactly only on sm_90+ GPUs; "
+                         "use 'integer' or 'auto'")
+    if encode == "auto":
+        encode = "convert" if exact else "integer"
+    return name, bool(interpret), encode
 
 
-def fp8_cast(x: jax.Array, fmt: str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
+def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
              interpret: bool | None = None, block: int = 64, num_warps: int | None = 8,
-             encode: str = "convert") -> tuple[QArray, QArray | None]:
+             encode: str = "auto") -> tuple[QArray, QArray | None]:
     """lowbit.quantize(x, fmt) for per-tensor FP8 on x [..., M, N], plus (transpose=True) the same
     QArray of swapaxes(x, -1, -2), one scale for the whole tensor.
 
     Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts; its
     tiles are `tiles(x.shape, block)` (Triton blocks are powers of two), leading dims a grid axis.
-    encode: "convert" (the GPU's RNE cvt to FP8) or "integer" (RNE on the float32 bits); same bits, the
-    convert 1.5x faster on an H100 (tools/bench_fp8_cast.py; 64x64 tiles with 8 warps, docs/benchmarks.md).
+    encode: "convert" (the GPU's RNE cvt to FP8, exact from sm_90 on) or "integer" (RNE on the float32
+    bits); same bits, the convert 1.5x faster on an H100 (tools/bench_fp8_cast.py; 64x64 tiles, 8 warps).
+    "auto" takes the convert where it is exact.
     """
-    _check(x, fmt, encode)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    q, q_t, _ = _fp8_cast_jit(x, None, get_format(fmt).name, bool(transpose), float(prescale),
-                              bool(interpret), int(block), num_warps, encode)
+    name, interpret, encode = _checked(x, fmt, encode, interpret)
+    q, q_t, _ = _fp8_cast_jit(x, None, name, bool(transpose), float(prescale), interpret, int(block),
+                              num_warps, encode)
     return q, q_t
 
 
-def fp8_cast_scaled(x: jax.Array, fmt: str, tensor_scale: jax.Array, *, transpose: bool = False,
+def fp8_cast_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, *, transpose: bool = False,
                     prescale: float = 1.0, interpret: bool | None = None, block: int = 64,
                     num_warps: int | None = 8,
-                    encode: str = "convert") -> tuple[QArray, QArray | None, jax.Array]:
+                    encode: str = "auto") -> tuple[QArray, QArray | None, jax.Array]:
     """lowbit.scaling.quantize_scaled(x, fmt, tensor_scale) in one read of x: (q, q_t or None, amax).
 
     No reduction before the kernel (delayed scaling): each tile also writes its amax and a NaN/Inf flag,
     reduced afterwards over 1/256 of x's size. Same bits, scale and amax as quantize_scaled.
     """
-    _check(x, fmt, encode)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return _fp8_cast_jit(x, jnp.asarray(tensor_scale, jnp.float32), get_format(fmt).name, bool(transpose),
-                         float(prescale), bool(interpret), int(block), num_warps, encode)
+    name, interpret, encode = _checked(x, fmt, encode, interpret)
+    return _fp8_cast_jit(x, jnp.asarray(tensor_scale, jnp.float32), name, bool(transpose), float(prescale),
+                         interpret, int(block), num_warps, encode)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))

@@ -311,6 +311,26 @@ def _triton_available() -> bool:
     return True
 
 
+_FP8_CONVERT_MIN_CC = 9.0  # Triton: float32 -> FP8 is the hardware's one RNE cvt from sm_90 on
+
+
+def fp8_convert_is_exact(interpret: bool) -> bool:
+    """Whether the kernels' float32 -> FP8 convert is one correctly rounded (RNE) step: always in interpret
+    mode (XLA's cast); on a GPU from sm_90 on. Below, Triton rounds through f16 (twice) or refuses E4M3."""
+    if interpret:
+        return True
+    return _gpu_compute_capability() >= _FP8_CONVERT_MIN_CC
+
+
+@functools.cache
+def _gpu_compute_capability() -> float:
+    """The first device's CUDA compute capability (9.0 on Hopper), 0.0 where none is reported."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", 0.0))
+    except (TypeError, ValueError, RuntimeError):
+        return 0.0
+
+
 def normalized_axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
     """lowbit.quantize's axis normalisation (sorted, non-negative), or None where it raises."""
     try:
@@ -407,7 +427,7 @@ def quantize_fused(
         emin=fmt.emin, emax=fmt.emax, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
         elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
-        encode=_resolve_encode(encode, fmt, rounding),
+        encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
     )
     if rounding == "nearest":
@@ -416,17 +436,22 @@ def quantize_fused(
                                int(block_rows), int(block_cols), num_warps)
 
 
-def _resolve_encode(encode: str, fmt, rounding: str) -> str:
-    """auto: round-to-nearest by the FP8 convert for 8-bit elements, by midpoint compares for E2M1
-    (Hopper has no float32 -> FP4 convert); integer RNE otherwise. A choice that cannot apply is refused."""
+def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
+    """auto: round-to-nearest by the FP8 convert for 8-bit elements where it is exact (sm_90+), by
+    midpoint compares for E2M1 (Hopper has no float32 -> FP4 convert); integer RNE otherwise. A choice
+    that cannot apply, or would not be exact on this GPU, is refused."""
     nearest = rounding == "nearest"
     fp8 = nearest and fmt.elem_bits == 8 and fmt.mbits in _FP8_BY_MBITS
     e2m1 = nearest and (fmt.elem_bits, fmt.mbits, fmt.emin) == (4, 1, 0)
     if encode == "auto":
-        return "convert" if fp8 else "threshold" if e2m1 else "integer"
+        convert = fp8 and fp8_convert_is_exact(interpret)
+        return "convert" if convert else "threshold" if e2m1 else "integer"
     if encode == "convert" and not fp8:
         raise ValueError(f"encode='convert' is for round-to-nearest 8-bit elements (MXFP8); {fmt.name} with "
                          f"rounding={rounding!r} needs encode='integer' or 'auto'")
+    if encode == "convert" and not fp8_convert_is_exact(interpret):
+        raise ValueError(f"encode='convert' rounds exactly only on sm_90+ GPUs (this one is "
+                         f"sm_{_gpu_compute_capability():g}); use encode='integer' or 'auto'")
     if encode == "threshold" and not e2m1:
         raise ValueError(f"encode='threshold' is for round-to-nearest E2M1 elements (MXFP4, NVFP4); "
                          f"{fmt.name} with rounding={rounding!r} needs encode='integer' or 'auto'")

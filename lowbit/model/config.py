@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 MOE_IMPLS = ("dropless", "capacity", "pallas")  # pallas: dropless through lowbit.kernels.grouped_pallas
+EMBED_GRADS = ("scatter", "gemm")  # the token embedding's table gradient: scatter-add, or one-hot GEMM
 REMAT_POLICIES = ("none", "full", "minimal", "dots_saveable", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLS = ("auto", None, "xla", "cudnn")
 DTYPES = ("bfloat16", "float32", "float16")
@@ -105,8 +106,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.capacity_factor must be > 0 with moe_impl='capacity', "
                 f"got {self.capacity_factor}")
-        if self.embed_grad not in ("scatter", "gemm"):
-            raise ValueError(f"ModelConfig.embed_grad must be 'scatter' or 'gemm', got {self.embed_grad!r}")
+        if self.embed_grad not in EMBED_GRADS:
+            raise ValueError(f"ModelConfig.embed_grad must be one of {EMBED_GRADS}, got {self.embed_grad!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")

@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 
 from lowbit.model.attention import Attention
-from lowbit.model.config import ModelConfig
+from lowbit.model.config import EMBED_GRADS, ModelConfig
 from lowbit.model.layers import MlpBlock, RMSNorm, projection
 from lowbit.model.moe import MoeBlock
 from lowbit.model.sharding import constrain_batch
@@ -150,9 +150,10 @@ def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool, grad: str =
 
     The gather's gradient is a scatter-add into the table: on an H200 it took 123 of the 140 ms of a
     `small` (byte vocab) training step on real text; the one-hot form's gradient is a [V, N] x [N, D] GEMM.
-    grad="gemm" keeps the gather forward and makes only its gradient that GEMM (in token chunks, so the
-    one-hot block stays <= 2^27 elements): for large vocabularies, where a one-hot forward costs a full
-    GEMM. moe-1.8b bf16 step on an H100: 167.1 -> 156.9 ms on real text, 158.7 -> 161.8 on random tokens.
+    grad="gemm" keeps the gather forward and makes only its gradient that GEMM (in chunks of the token
+    axis, so the one-hot block stays <= max(2^27, batch * V) elements): for large vocabularies, where a
+    one-hot forward costs a full GEMM. moe-1.8b bf16 step on an H100: 167.1 -> 156.9 ms on real text,
+    158.7 -> 161.8 on random tokens.
     Out-of-range tokens give a zero row with `iota` (jnp.take's default fill gives NaN) and no gradient.
     """
     if grad not in EMBED_GRADS:
@@ -166,7 +167,6 @@ def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool, grad: str =
     return jnp.dot(jax.nn.one_hot(tokens, table.shape[0], dtype=table.dtype), table)
 
 
-EMBED_GRADS = ("scatter", "gemm")
 _EMBED_GRAD_CHUNK = 4096  # tokens per one-hot block of the gradient GEMM, at most
 _EMBED_GRAD_BLOCK = 1 << 27  # one-hot elements per block, at most (256 MB in bf16)
 
@@ -182,22 +182,30 @@ def _gather_fwd(table, tokens):
 
 
 def _gather_bwd(residuals, dy):
+    """Chunks run along the last token axis only, so a batch sharded over devices (FSDP) stays sharded:
+    each chunk contracts (batch, chunk) in one GEMM and no device gathers another's ids or dy."""
     tokens, empty = residuals  # empty [V, 0]: the table's vocabulary size and dtype, no data
-    vocab = empty.shape[0]
-    ids = tokens.reshape(-1)
-    rows = dy.reshape(ids.shape[0], dy.shape[-1])
-    chunk = min(_EMBED_GRAD_CHUNK, max(128, _EMBED_GRAD_BLOCK // vocab // 128 * 128), ids.shape[0])
-    pad = -ids.shape[0] % chunk  # padded ids are -1: an all-zero one-hot row
-    ids = jnp.pad(ids, (0, pad), constant_values=-1).reshape(-1, chunk)
-    rows = jnp.pad(rows, ((0, pad), (0, 0))).reshape(ids.shape[0], chunk, -1)
+    vocab, width = empty.shape[0], dy.shape[-1]
+    if tokens.size == 0:
+        return jnp.zeros((vocab, width), empty.dtype), None
+    ids = tokens.reshape(-1, tokens.shape[-1]) if tokens.ndim else tokens.reshape(1, 1)
+    ids = jnp.where(ids < 0, ids + vocab, ids)  # jnp.take wraps negative ids; ids still < 0 or >= V: no row
+    batch, length = ids.shape
+    rows = dy.reshape(batch, length, width)
+    tokens_per_chunk = min(_EMBED_GRAD_CHUNK, max(1, _EMBED_GRAD_BLOCK // vocab))
+    chunk = min(length, max(1, tokens_per_chunk // batch))
+    pad = -length % chunk  # padded ids are -1: an all-zero one-hot row
+    ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1).reshape(batch, -1, chunk)
+    rows = jnp.pad(rows, ((0, 0), (0, pad), (0, 0))).reshape(batch, -1, chunk, width)
 
     def add_chunk(acc, chunk_in):
-        chunk_ids, chunk_rows = chunk_in
-        one_hot = jax.nn.one_hot(chunk_ids, vocab, dtype=chunk_rows.dtype)  # [chunk, V]
-        return acc + lax.dot_general(one_hot, chunk_rows, (((0,), (0,)), ((), ())),
+        chunk_ids, chunk_rows = chunk_in  # [B, chunk], [B, chunk, D]
+        one_hot = jax.nn.one_hot(chunk_ids, vocab, dtype=chunk_rows.dtype)  # [B, chunk, V]
+        return acc + lax.dot_general(one_hot, chunk_rows, (((0, 1), (0, 1)), ((), ())),
                                      preferred_element_type=jnp.float32), None
 
-    grad, _ = lax.scan(add_chunk, jnp.zeros((vocab, dy.shape[-1]), jnp.float32), (ids, rows))
+    grad, _ = lax.scan(add_chunk, jnp.zeros((vocab, width), jnp.float32),
+                       (jnp.moveaxis(ids, 1, 0), jnp.moveaxis(rows, 1, 0)))
     return grad.astype(empty.dtype), None
 
 
