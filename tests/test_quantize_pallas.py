@@ -80,6 +80,10 @@ CASES = [
     ("nvfp4", {}, {}, np.float32),
     ("nvfp4", {"axis": (0, 1)}, {"axis": (0, 1)}, jnp.bfloat16),
     ("mxfp8", {"axis": (-2, -1), "block_rows": 64, "block_cols": 64}, {"axis": (-2, -1)}, np.float32),
+    ("mxfp8_e5m2", {"encode": "magic"}, {}, np.float32),
+    ("mxfp4", {"encode": "magic"}, {}, np.float32),
+    ("nvfp4", {"encode": "magic", "scale_encode": "integer"}, {}, np.float32),
+    ("nvfp4", {"scale_encode": "convert", "fp4_layout": "codes"}, {}, jnp.bfloat16),
 ]
 
 
@@ -238,7 +242,7 @@ def test_available_and_argument_errors():
         quantize_fused(x, "mxfp3")
 
 
-@pytest.mark.parametrize("encode", ["integer", "convert"])
+@pytest.mark.parametrize("encode", ["integer", "convert", "magic"])
 @pytest.mark.parametrize(("fmt", "elem"), [("mxfp8", "float8_e4m3fn"), ("mxfp8_e5m2", "float8_e5m2")])
 def test_mxfp8_every_midpoint_rounds_to_even(fmt, elem, encode):
     """Both encoders on every FP8 midpoint +-1 float32 ulp: each block of 32 holds the element maximum,
@@ -258,7 +262,7 @@ def test_mxfp8_every_midpoint_rounds_to_even(fmt, elem, encode):
     np.testing.assert_array_equal(np.asarray(q.data).view(np.uint8), x.astype(elem).view(np.uint8))
 
 
-@pytest.mark.parametrize("encode", ["integer", "threshold"])
+@pytest.mark.parametrize("encode", ["integer", "threshold", "magic"])
 def test_mxfp4_every_midpoint_rounds_to_even(encode):
     """E2M1 by both encoders: every midpoint of the grid, one float32 ulp either side, the grid and
     their negatives (-0 included), in blocks whose amax 6 gives the scale 2^0: ml_dtypes' RNE codes."""
@@ -278,6 +282,37 @@ def test_mxfp4_every_midpoint_rounds_to_even(encode):
     np.testing.assert_array_equal(np.asarray(q.data.astype(jnp.float32)), want)
     got_sign = np.signbit(np.asarray(q.data.astype(jnp.float32)))
     np.testing.assert_array_equal(got_sign, np.signbit(want))  # -0 stays -0
+
+
+@pytest.mark.parametrize("elem", ["float8_e4m3fn", "float8_e5m2", "float6_e3m2fn", "float6_e2m3fn",
+                                  "float4_e2m1fn"])
+def test_magic_add_encoder_is_ml_dtypes_rne_on_every_binade(elem):
+    """_encode_magic (one float add) against ml_dtypes' cast, outside Pallas: every grid point and
+    midpoint +-1 and +-2 float32 ulps, f32 subnormals and zeros, and 2^16 random values in +-max."""
+    import ml_dtypes
+
+    from lowbit.kernels.quantize_pallas import _encode_magic
+    from tests.reference_np import elem_max
+
+    dtype = getattr(ml_dtypes, elem)
+    info, bits = ml_dtypes.finfo(dtype), ml_dtypes.finfo(dtype).bits
+    grid = np.unique(np.abs(np.arange(2**bits, dtype=np.uint8).view(dtype).astype(np.float64)))
+    grid = grid[np.isfinite(grid)]
+    mid = (grid[:-1] + grid[1:]) / 2
+    vals = np.concatenate([grid, mid]).astype(np.float32)
+    for step in (1, 2):
+        up, down = vals.view(np.int32) + step, vals.view(np.int32) - step
+        vals = np.concatenate([vals, up.view(np.float32), down[down > 0].view(np.float32)])
+    tiny = np.array([0.0, 1e-45, 1e-40, 2.0**-126], np.float32)
+    rng = np.random.default_rng(9)
+    rand = rng.uniform(-1, 1, 2**16) * np.exp2(rng.integers(-12, 1, 2**16))
+    vals = np.concatenate([vals, tiny, (rand * elem_max(dtype)).astype(np.float32)])
+    vals = vals[np.abs(vals) <= elem_max(dtype)]
+    vals = np.concatenate([vals, -vals]).astype(np.float32)
+
+    got = np.asarray(_encode_magic(jnp.asarray(vals), int(info.minexp), int(info.nmant), bits))
+    want = vals.astype(dtype).view(np.uint8).astype(np.int64)  # sub-byte codes sit in the low bits
+    np.testing.assert_array_equal(got.astype(np.int64), want)
 
 
 def test_encode_convert_is_for_fp8_nearest_only():

@@ -214,6 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in ("mxfp8", "mxfp8_e5m2", "mxfp4", "nvfp4"):  # auto: FP8 convert / E2M1 compares; here integer
         b.run(f"{fmt} fused encode=integer", lambda x, f=fmt: quantize_fused(x, f, encode="integer"),
               ref=lambda x, f=fmt: lowbit.quantize(x, f), fmt=fmt, impl="fused")
+    # the element encoders of FP4 and NVFP4's E4M3 block-scale encoder, side by side (auto is the baseline)
+    fp4_variants = [("encode=threshold", {"encode": "threshold"}), ("encode=magic", {"encode": "magic"})]
+    nvfp4_variants = [("scale_encode=integer", {"scale_encode": "integer"}),
+                      ("scale_encode=convert", {"scale_encode": "convert"}),
+                      ("encode=magic, scale_encode=convert", {"encode": "magic", "scale_encode": "convert"})]
+    for label, fmt, kw in (FORMATS[3], FORMATS[5], FORMATS[6]):
+        for name, extra in fp4_variants + (nvfp4_variants if fmt == "nvfp4" else []):
+            def variant(x, fmt=fmt, kw=kw, extra=extra):
+                return quantize_fused(x, fmt, **kw, **extra)
+
+            def reference(x, fmt=fmt, kw=kw):
+                return lowbit.quantize(x, fmt, **kw)
+            b.run(f"{label} fused {name}", variant, ref=reference, fmt=label, impl="fused")
+            if fmt == "nvfp4":
+                def given(x, kw=kw, extra=extra):
+                    return quantize_fused(x, "nvfp4", tensor_amax=jnp.float32(4.0), **kw, **extra)
+                b.run(f"{label} fused {name}, tensor_amax given", given, fmt=label, impl="fused-kernel-only")
+    b.run("mxfp8 fused encode=magic", lambda x: quantize_fused(x, "mxfp8", encode="magic"),
+          ref=lambda x: lowbit.quantize(x, "mxfp8"), fmt="mxfp8", impl="fused")
 
     if not args.no_sweep:
         for label, fmt, kw in (FORMATS[0], FORMATS[3], FORMATS[5]):

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The GPU work of the ninth 2026-11-24 session and what is left, one device call (<= 10 min) per mode.
+# The GPU work of the tenth (2026-12-03) session and what is left, one device call (<= 10 min) per mode.
+#   tools/device_next.sh fp4enc2   the magic-add encoder and NVFP4's E4M3 scale by the FP8 convert: parity on the
+#                                  GPU (every midpoint), then every FP4 quantize variant side by side
+# The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
 #   tools/device_next.sh delayed2  fp8-delayed vs fp8 at moe-2.8b and small, and 200 training steps of small
@@ -38,6 +41,10 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  fp4enc2)  # tenth session: FP4 encoders (threshold, magic) and NVFP4's scale encoder (integer, convert)
+    run timeout 240 python3 tools/fp8_cast_parity.py --json "$out/parity_fp4enc2.json"
+    run timeout 200 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 180
+    ;;
   delayed)  # ninth session: delayed scaling (amax histories; the cast kernel writes the amax, no pass before it)
     run timeout 220 python3 tools/fp8_cast_parity.py --json "$out/parity_delayed.json"
     run timeout 330 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8,fp8-delayed \

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,11 +28,13 @@ import numpy as np
 
 import lowbit
 from lowbit.kernels import quantize_fused, quantize_impl
-from lowbit.kernels.fp8_cast_pallas import ENCODES, fp8_cast, fp8_cast_scaled
+from lowbit.kernels.fp8_cast_pallas import fp8_cast, fp8_cast_scaled
 from lowbit.scaling import init_history, quantize_scaled, tensor_amax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.reference_np import fp8_midpoints  # noqa: E402
+
+CAST_ENCODES = ("integer", "convert")  # the cast kernel's two encoders ("auto" picks one of them)
 
 DIMS, BATCHED = (((1,), (0,)), ((), ())), (((2,), (1,)), ((0,), (0,)))
 CAST_CASES = {"full": [((8, 2560, 4096), "fp8_e5m2", jnp.bfloat16), ((8, 4096, 2560), "fp8", jnp.bfloat16),
@@ -69,7 +72,7 @@ def _cast_row(x, fmt: str, encode: str, case: str, want: np.ndarray | None = Non
 
 def cast_rows(size: str) -> list[dict]:
     rows = []
-    for encode in ENCODES:
+    for encode in CAST_ENCODES:
         for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
             for poison in (False, True):
                 case = f"{'x'.join(map(str, shape))} {fmt} {jnp.dtype(dtype).name}{' NaN' if poison else ''}"
@@ -85,7 +88,7 @@ def scaled_rows(size: str) -> list[dict]:
     """fp8_cast_scaled vs quantize_scaled: codes in both layouts, amax and scale, at the tensor's own
     scale / 8 (an amax history below the tensor's: values saturate) and x 4 (headroom)."""
     rows = []
-    for encode in ENCODES:
+    for encode in CAST_ENCODES:
         for i, (shape, fmt, dtype) in enumerate(CAST_CASES[size]):
             for poison in (False, True):
                 x = _cast_input(shape, dtype, i, poison)
@@ -108,8 +111,9 @@ def scaled_rows(size: str) -> list[dict]:
 
 
 def mx_kernel_rows() -> list[dict]:
-    """The MX kernel's default encoders (FP8 convert, E2M1 compares) on every midpoint +-1 ulp, in blocks of
-    32 that each hold the element maximum (E8M0 scale 2^0): codes == ml_dtypes' RNE cast of the values."""
+    """The MX kernel's default encoders (FP8 convert, E2M1 compares) and the magic-add encoder on every
+    midpoint +-1 ulp, in blocks of 32 that each hold the element maximum (E8M0 scale 2^0): codes ==
+    ml_dtypes' RNE cast of the values."""
     rows = []
     e2m1 = ml_dtypes.float4_e2m1fn
     fp4_mags = np.unique(np.abs(np.arange(16, dtype=np.uint8).view(e2m1).astype(np.float32)))
@@ -119,18 +123,19 @@ def mx_kernel_rows() -> list[dict]:
     cases = [("mxfp8", ml_dtypes.float8_e4m3fn, fp8_midpoints(ml_dtypes.float8_e4m3fn).ravel()),
              ("mxfp8_e5m2", ml_dtypes.float8_e5m2, fp8_midpoints(ml_dtypes.float8_e5m2).ravel()),
              ("mxfp4", e2m1, np.concatenate([fp4_vals, -fp4_vals]))]
-    for fmt, elem, vals in cases:
+    for (fmt, elem, vals), encode in itertools.product(cases, ("auto", "magic")):
         top = np.float32(np.abs(vals).max()) if elem is e2m1 else np.float32(ml_dtypes.finfo(elem).max)
         vals = vals[np.abs(vals) < top]
         blocks = np.resize(vals, (-(-vals.size // 31), 31))
         x = np.concatenate([np.full((blocks.shape[0], 1), top, np.float32), blocks], axis=1)
         x = np.resize(x, (-(-x.shape[0] // 16) * 16, 32)).reshape(-1, 64)
-        q = jax.jit(lambda a, f=fmt: quantize_fused(a, f, fp4_layout="codes"))(jnp.asarray(x))
+        q = jax.jit(lambda a, f=fmt, e=encode: quantize_fused(a, f, encode=e, fp4_layout="codes"))(
+            jnp.asarray(x))
         got = np.asarray(q.data.astype(jnp.float32))
         want = x.astype(elem).astype(np.float32)
         bad = int((got != want).sum() + (np.signbit(got) != np.signbit(want)).sum())
         scale_ok = bool((np.asarray(q.scale).view(np.uint8) == 127).all())
-        rows.append({"check": "mx kernel default", "case": f"every {fmt} midpoint +-1 ulp",
+        rows.append({"check": f"mx kernel {encode}", "case": f"every {fmt} midpoint +-1 ulp",
                      "mismatches": bad, "scale_equal": scale_ok, "ok": bad == 0 and scale_ok})
     return rows
 

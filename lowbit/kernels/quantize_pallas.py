@@ -39,8 +39,9 @@ from lowbit.quantize import (
 DIV_IMPLS = ("auto", "ptx", "int")  # correctly rounded f32 division: PTX div.rn.f32 | int long division
 # RNE onto the element grid: integer ops on the float32 bits | the float32 -> FP8 convert (8-bit elements
 # only; on an H100 the integer RNE made the FP8 cast ALU-bound, docs/benchmarks.md, eighth session) |
-# midpoint compares (E2M1)
-ENCODE_IMPLS = ("auto", "integer", "convert", "threshold")  # threshold: E2M1 only (7 compares)
+# midpoint compares (E2M1) | one float add of a power of two whose ulp is the grid's (any element format)
+ENCODE_IMPLS = ("auto", "integer", "convert", "threshold", "magic")  # threshold: E2M1 only (7 compares)
+SCALE_ENCODES = ("auto", "integer", "convert")  # NVFP4's E4M3 block scale: integer RNE | FP8 convert
 # E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the midpoints between codes c and c+1, and whether a tie goes
 # up (the upper code is even) -> code = number of midpoints |y| is past (RNE, OCP MX v1.0 sec. 5.3.3).
 _E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True),
@@ -77,7 +78,8 @@ class _Plan:
     scale_mode: str
     rounding: str
     div: str  # "ptx" | "int" (resolved)
-    encode: str  # "integer" | "convert" | "threshold" (resolved)
+    encode: str  # "integer" | "convert" | "threshold" | "magic" (resolved)
+    scale_encode: str  # NVFP4 block scale onto E4M3: "integer" | "convert" (resolved)
     packed: bool  # FP4 written two codes per byte
     prescale: float
 
@@ -173,6 +175,21 @@ def _encode_nearest(y: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.
     return code | sign
 
 
+def _encode_magic(y: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
+    """_encode_nearest's code by one float add: M = 2^(ulp exponent + 23) has the grid's ulp as its own,
+    so the FPU's RNE add |y| + M leaves k = rint(|y| / ulp) (ties to even) in the low bits of the sum;
+    code = ((ue - emin - 127) << mbits) + k, a carry into the next binade included. |y| <= max."""
+    y_bits = lax.bitcast_convert_type(y, jnp.int32)
+    y_abs = y_bits & _ABS
+    ue = jnp.maximum(y_abs >> 23, emin + 127)
+    magic_bits = (ue + (23 - mbits)) << 23  # biased exponent of 2^(ue - 127 - mbits + 23)
+    total = lax.bitcast_convert_type(y_abs, jnp.float32) + lax.bitcast_convert_type(magic_bits, jnp.float32)
+    k = lax.bitcast_convert_type(total, jnp.int32) - magic_bits
+    code = ((ue - (emin + 127)) << mbits) + k
+    sign = lax.shift_right_logical(y_bits, 31) << (elem_bits - 1)
+    return code | sign
+
+
 def _encode_e2m1_threshold(y: jax.Array) -> jax.Array:
     """E2M1 code of RNE(y), |y| <= 6, by counting the midpoints |y| is past (ties: toward the even code)."""
     a = jnp.abs(y)
@@ -236,7 +253,10 @@ def _block_scales(amax_bits: jax.Array, params: tuple[jax.Array, jax.Array] | No
     amax = lax.bitcast_convert_type(amax_bits, jnp.float32)
     per_block = div(div(amax, jnp.full_like(amax, _E2M1_MAX)), jnp.full_like(amax, tensor_scale))
     per_block = jnp.minimum(jnp.maximum(per_block, jnp.float32(_E4M3_MIN_NORMAL)), jnp.float32(_E4M3_MAX))
-    code = _encode_nearest(per_block, -6, 3, 8)  # RNE onto E4M3; >= 2^-6, so a normal code
+    if plan.scale_encode == "convert":  # RNE onto E4M3 by the FP8 convert (exact on sm_90+ and in XLA)
+        code = lax.bitcast_convert_type(per_block.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
+    else:
+        code = _encode_nearest(per_block, -6, 3, 8)  # RNE onto E4M3; >= 2^-6, so a normal code
     scale = lax.bitcast_convert_type((((code >> 3) + 120) << 23) | ((code & 7) << 20), jnp.float32)
     # torchao: x * ((1 / tensor_scale) / scale), one reciprocal per block
     return code, div(jnp.full_like(scale, inv_tensor_scale), scale)
@@ -270,6 +290,8 @@ def _kernel(*refs, plan: _Plan, n: int):
         codes = lax.bitcast_convert_type(y.astype(_FP8_BY_MBITS[plan.mbits]), jnp.uint8).astype(jnp.int32)
     elif plan.rounding == "nearest" and plan.encode == "threshold":
         codes = _encode_e2m1_threshold(y)
+    elif plan.rounding == "nearest" and plan.encode == "magic":
+        codes = _encode_magic(y, plan.emin, plan.mbits, plan.elem_bits)
     elif plan.rounding == "nearest":
         codes = _encode_nearest(y, plan.emin, plan.mbits, plan.elem_bits)
     else:
@@ -387,6 +409,7 @@ def quantize_fused(
     tensor_amax: jax.Array | None = None,
     div: str = "auto",
     encode: str = "auto",
+    scale_encode: str = "auto",
     fp4_layout: str = "packed",
     block_rows: int = 16,
     block_cols: int = 512,
@@ -397,8 +420,9 @@ def quantize_fused(
     Same bits as lowbit.quantize for both roundings: SR hashes each element's flat index in x with
     the seeds lowbit.quantize derives from `key` (lowbit.quantize.sr_hash), in-kernel.
     `tensor_amax` (NVFP4): max |x| over finite elements if already known; else one XLA reduction.
-    `encode`: RNE by integer ops on the float32 bits, or (auto, round-to-nearest) the float32 -> FP8
-    convert for MXFP8 and midpoint compares for E2M1; same bits, held to ml_dtypes on every midpoint.
+    `encode`: RNE by integer ops on the float32 bits, by one float add of a power of two ("magic"), or
+    (auto, round-to-nearest) the float32 -> FP8 convert for MXFP8 and midpoint compares for E2M1; same
+    bits, held to ml_dtypes on every midpoint. `scale_encode`: NVFP4's E4M3 block scale, likewise.
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -408,6 +432,7 @@ def quantize_fused(
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; choose one of {SCALE_MODES}")
     for name, value, choices in (("div", div, DIV_IMPLS), ("encode", encode, ENCODE_IMPLS),
+                                 ("scale_encode", scale_encode, SCALE_ENCODES),
                                  ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
@@ -428,6 +453,7 @@ def quantize_fused(
         elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
         encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
+        scale_encode=_resolve_scale_encode(scale_encode, bool(interpret)),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
     )
     if rounding == "nearest":
@@ -455,7 +481,21 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
     if encode == "threshold" and not e2m1:
         raise ValueError(f"encode='threshold' is for round-to-nearest E2M1 elements (MXFP4, NVFP4); "
                          f"{fmt.name} with rounding={rounding!r} needs encode='integer' or 'auto'")
+    if encode == "magic" and not nearest:
+        raise ValueError(f"encode='magic' is for round-to-nearest; rounding={rounding!r} needs "
+                         "encode='integer' or 'auto'")
     return encode
+
+
+def _resolve_scale_encode(scale_encode: str, interpret: bool) -> str:
+    """NVFP4's E4M3 block scale: auto takes the FP8 convert where it is exact, integer RNE elsewhere."""
+    exact = fp8_convert_is_exact(interpret)
+    if scale_encode == "auto":
+        return "convert" if exact else "integer"
+    if scale_encode == "convert" and not exact:
+        raise ValueError(f"scale_encode='convert' rounds exactly only on sm_90+ GPUs (this one is "
+                         f"sm_{_gpu_compute_capability():g}); use scale_encode='integer' or 'auto'")
+    return scale_encode
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
