@@ -58,7 +58,7 @@ def test_batched_bits_one_scale_for_the_whole_tensor(shape):
     np.testing.assert_array_equal(_bits(qt.data), np.swapaxes(_bits(ref.data), -1, -2))
 
 
-@pytest.mark.parametrize("encode", ["integer", "convert"])
+@pytest.mark.parametrize("encode", ["integer", "convert", "magic"])
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
 def test_every_midpoint_rounds_to_even(fmt, encode):
     """Ties to even, and one float32 ulp off a tie to the nearer neighbour (no double rounding through
@@ -117,10 +117,10 @@ def test_format_object_is_its_name():
     assert by_object.fmt == by_name.fmt
 
 
-@pytest.mark.parametrize("cc, want", [(8.0, "integer"), (8.9, "integer"), (9.0, "convert"),
-                                      (10.0, "convert")])
+@pytest.mark.parametrize("cc, want", [(8.0, "magic"), (8.9, "magic"), (9.0, "convert"), (10.0, "convert")])
 def test_auto_encode_takes_the_convert_only_where_it_is_exact(monkeypatch, cc, want):
-    """Triton's float32 -> FP8 convert is one RNE cvt from sm_90 on; below it rounds via f16 (twice)."""
+    """Triton's float32 -> FP8 convert is one RNE cvt from sm_90 on; below it rounds via f16 (twice), so
+    auto takes the magic add there (exact on any IEEE GPU), as it does for E2M1 everywhere."""
     from lowbit.kernels import fp8_cast_pallas, quantize_pallas
 
     monkeypatch.setattr(quantize_pallas, "_gpu_compute_capability", lambda: cc)
@@ -129,9 +129,13 @@ def test_auto_encode_takes_the_convert_only_where_it_is_exact(monkeypatch, cc, w
     assert fp8_cast_pallas._checked(x, "fp8", "auto", interpret=True)[2] == "convert"  # XLA's exact cast
     mxfp8 = get_format("mxfp8")
     assert quantize_pallas._resolve_encode("auto", mxfp8, "nearest", False) == want
-    assert quantize_pallas._resolve_encode("auto", get_format("mxfp4"), "nearest", False) == "threshold"
-    if want == "integer":
+    assert quantize_pallas._resolve_encode("auto", get_format("mxfp4"), "nearest", False) == "magic"
+    assert quantize_pallas._resolve_encode("auto", mxfp8, "stochastic", False) == "integer"
+    assert quantize_pallas._resolve_scale_encode("auto", False) == ("convert" if cc >= 9 else "integer")
+    if want == "magic":
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
             fp8_cast_pallas._checked(x, "fp8", "convert", interpret=False)
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
             quantize_pallas._resolve_encode("convert", mxfp8, "nearest", False)
+        with pytest.raises(ValueError, match="sm_90.*'integer'"):
+            quantize_pallas._resolve_scale_encode("convert", False)

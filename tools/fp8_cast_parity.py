@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -111,9 +110,9 @@ def scaled_rows(size: str) -> list[dict]:
 
 
 def mx_kernel_rows() -> list[dict]:
-    """The MX kernel's default encoders (FP8 convert, E2M1 compares) and the magic-add encoder on every
-    midpoint +-1 ulp, in blocks of 32 that each hold the element maximum (E8M0 scale 2^0): codes ==
-    ml_dtypes' RNE cast of the values."""
+    """The MX kernel's round-to-nearest encoders (FP8: convert, the default, and the magic add; E2M1: the
+    magic add, the default, and midpoint compares) on every midpoint +-1 ulp, in blocks of 32 that each
+    hold the element maximum (E8M0 scale 2^0): codes == ml_dtypes' RNE cast of the values."""
     rows = []
     e2m1 = ml_dtypes.float4_e2m1fn
     fp4_mags = np.unique(np.abs(np.arange(16, dtype=np.uint8).view(e2m1).astype(np.float32)))
@@ -123,7 +122,9 @@ def mx_kernel_rows() -> list[dict]:
     cases = [("mxfp8", ml_dtypes.float8_e4m3fn, fp8_midpoints(ml_dtypes.float8_e4m3fn).ravel()),
              ("mxfp8_e5m2", ml_dtypes.float8_e5m2, fp8_midpoints(ml_dtypes.float8_e5m2).ravel()),
              ("mxfp4", e2m1, np.concatenate([fp4_vals, -fp4_vals]))]
-    for (fmt, elem, vals), encode in itertools.product(cases, ("auto", "magic")):
+    encoders = {"mxfp8": ("convert", "magic"), "mxfp8_e5m2": ("convert", "magic"),
+                "mxfp4": ("magic", "threshold")}
+    for (fmt, elem, vals), encode in [(case, e) for case in cases for e in encoders[case[0]]]:
         top = np.float32(np.abs(vals).max()) if elem is e2m1 else np.float32(ml_dtypes.finfo(elem).max)
         vals = vals[np.abs(vals) < top]
         blocks = np.resize(vals, (-(-vals.size // 31), 31))

@@ -2,7 +2,7 @@
 
 q = RNE(clip(flush(x) · (1/s) · prescale, ±max)) with s the tensor scale lowbit.quantize computes
 (amax / max, by an XLA reduction first), or a given (delayed) scale, with x's amax written per tile;
-the codes come from the GPU's FP8 convert or integer RNE on
+the codes come from the GPU's FP8 convert, one float add (quantize_pallas._encode_magic) or integer RNE on
 the float32 bits (quantize_pallas._encode_nearest); the bits equal lowbit.quantize's. The transposed copy is
 what cuBLASLt's TN-only FP8 GEMMs need for wgrad (Transformer Engine's cast_transpose). lowbit.dot
 takes both layouts of X, W and dY from it through lowbit.kernels.dispatch.quantize_with_transpose.
@@ -22,6 +22,7 @@ from lowbit.kernels.quantize_pallas import (
     _ABS,
     _F32_MIN_NORMAL_BITS,
     _SIGN,
+    _encode_magic,
     _encode_nearest,
     _pow2_divisor,
     fp8_convert_is_exact,
@@ -31,7 +32,7 @@ from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scal
 FP8_FORMATS = ("fp8", "fp8_e5m2")
 
 
-ENCODES = ("auto", "integer", "convert")  # auto: convert where it is exact (sm_90+), else integer
+ENCODES = ("auto", "integer", "convert", "magic")  # auto: convert where it is exact (sm_90+), else magic
 _F32_INF_BITS = 0x7F800000
 _AMAX_LANES = 16  # each tile writes its amax into a row this wide (Triton blocks: powers of two >= 16)
 
@@ -54,7 +55,8 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
     if encode == "convert":  # the hardware's RNE float32 -> FP8 conversion (|y| <= max: no saturation)
         codes = lax.bitcast_convert_type(y.astype(storage_dtype), jnp.uint8)
     else:
-        codes = _encode_nearest(y, emin, mbits, elem_bits).astype(jnp.uint8)
+        codes = (_encode_magic if encode == "magic" else _encode_nearest)(y, emin, mbits, elem_bits)
+        codes = codes.astype(jnp.uint8)
     codes = jnp.where(params_ref[1] != 0, jnp.uint8(0), codes)  # poisoned: the NaN scale says so
     out_refs[0][...] = codes
     if transpose:
@@ -89,9 +91,9 @@ def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | Non
     exact = fp8_convert_is_exact(interpret)
     if encode == "convert" and not exact:
         raise ValueError("fp8_cast encode='convert' rounds exactly only on sm_90+ GPUs; "
-                         "use 'integer' or 'auto'")
+                         "use 'magic', 'integer' or 'auto'")
     if encode == "auto":
-        encode = "convert" if exact else "integer"
+        encode = "convert" if exact else "magic"
     return name, bool(interpret), encode
 
 
@@ -103,9 +105,9 @@ def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False
 
     Returns (q, q_t or None). One XLA amax reduction, then one kernel that writes both layouts; its
     tiles are `tiles(x.shape, block)` (Triton blocks are powers of two), leading dims a grid axis.
-    encode: "convert" (the GPU's RNE cvt to FP8, exact from sm_90 on) or "integer" (RNE on the float32
-    bits); same bits, the convert 1.5x faster on an H100 (tools/bench_fp8_cast.py; 64x64 tiles, 8 warps).
-    "auto" takes the convert where it is exact.
+    encode: "convert" (the GPU's RNE cvt to FP8, exact from sm_90 on), "magic" (one float add) or "integer"
+    (RNE on the float32 bits); same bits, the convert 1.5x faster than integer on an H100
+    (tools/bench_fp8_cast.py; 64x64 tiles, 8 warps). "auto" takes the convert where it is exact, else magic.
     """
     name, interpret, encode = _checked(x, fmt, encode, interpret)
     q, q_t, _ = _fp8_cast_jit(x, None, name, bool(transpose), float(prescale), interpret, int(block),
