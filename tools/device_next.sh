@@ -2,6 +2,8 @@
 # The GPU work of the tenth (2026-12-03) session and what is left, one device call (<= 10 min) per mode.
 #   tools/device_next.sh fp4enc2   the magic-add encoder and NVFP4's E4M3 scale by the FP8 convert: parity on the
 #                                  GPU (every midpoint), then every FP4 quantize variant side by side
+#   tools/device_next.sh fp4layers the magic add as auto: quantize kernels, MX linear layers (xla vs auto), and
+#                                  the embedding gradient (scatter vs one-hot GEMM chunked along the token axis)
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -44,6 +46,12 @@ case "$1" in
   fp4enc2)  # tenth session: FP4 encoders (threshold, magic) and NVFP4's scale encoder (integer, convert)
     run timeout 240 python3 tools/fp8_cast_parity.py --json "$out/parity_fp4enc2.json"
     run timeout 200 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 180
+    ;;
+  fp4layers)  # tenth session: the magic add as the auto encoder, in the kernels and the MX layers
+    run timeout 150 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 130
+    run timeout 150 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 --quantize-impls xla,auto \
+      --refs none --cache-dir /tmp/xla_cache --time-budget-s 140 --json "$out/gemm_mx_s10.json"
+    run timeout 120 python3 tools/bench_embed_grad.py --json "$out/embed_grad_s10.json"
     ;;
   delayed)  # ninth session: delayed scaling (amax histories; the cast kernel writes the amax, no pass before it)
     run timeout 220 python3 tools/fp8_cast_parity.py --json "$out/parity_delayed.json"
