@@ -4,6 +4,8 @@
 #                                  GPU (every midpoint), then every FP4 quantize variant side by side
 #   tools/device_next.sh fp4layers the magic add as auto: quantize kernels, MX linear layers (xla vs auto), and
 #                                  the embedding gradient (scatter vs one-hot GEMM chunked along the token axis)
+#   tools/device_next.sh embed32   the float32 scatter-add embedding gradient (new default) vs bf16 and the GEMM,
+#                                  then moe-2.8b bf16 vs fp8-delayed on the H200 (random tokens)
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -46,6 +48,11 @@ case "$1" in
   fp4enc2)  # tenth session: FP4 encoders (threshold, magic) and NVFP4's scale encoder (integer, convert)
     run timeout 240 python3 tools/fp8_cast_parity.py --json "$out/parity_fp4enc2.json"
     run timeout 200 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 180
+    ;;
+  embed32)  # tenth session: the scatter-add of the embedding gradient in float32; an H200 step reference
+    run timeout 120 python3 tools/bench_embed_grad.py --json "$out/embed_grad32_s10.json"
+    run timeout 380 python3 -m lowbit.bench step --configs moe-2.8b --recipes bf16,fp8-delayed \
+      --cache-dir /tmp/xla_cache --time-budget-s 360 --json "$out/step_moe28b_h200_s10.json"
     ;;
   fp4layers)  # tenth session: the magic add as the auto encoder, in the kernels and the MX layers
     run timeout 150 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 130

@@ -155,12 +155,17 @@ def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool, grad: str =
     one-hot forward costs a full GEMM. moe-1.8b bf16 step on an H100: 167.1 -> 156.9 ms on real text,
     158.7 -> 161.8 on random tokens.
     Out-of-range tokens give a zero row with `iota` (jnp.take's default fill gives NaN) and no gradient.
+    grad="scatter" gathers the float32 rows and then casts them (the values of nnx.Embed's cast-then-gather),
+    so the scatter-add accumulates in float32: a bfloat16 scatter-add lost 10% of the hot rows' gradient on
+    Zipfian tokens (tools/bench_embed_grad.py, docs/benchmarks.md).
     """
     if grad not in EMBED_GRADS:
         raise ValueError(f"embedding gradient must be one of {EMBED_GRADS}, got {grad!r}")
-    if not iota and grad == "scatter":
-        return embedder(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
     table = embedder.embedding[...]
+    if not iota and grad == "scatter":
+        return jnp.take(table, tokens, axis=0).astype(embedder.dtype or table.dtype)
     table = table.astype(embedder.dtype or table.dtype)
     if not iota:
         return _gather_with_gemm_grad(table, tokens)
