@@ -6,6 +6,7 @@
 #                                  the embedding gradient (scatter vs one-hot GEMM chunked along the token axis)
 #   tools/device_next.sh embed32   the float32 scatter-add embedding gradient (new default) vs bf16 and the GEMM,
 #                                  then moe-2.8b bf16 vs fp8-delayed on the H200 (random tokens)
+#   tools/device_next.sh prof28    the moe-2.8b step's GPU kernels, bf16 and fp8-delayed (where fp8's time goes)
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -53,6 +54,14 @@ case "$1" in
     run timeout 120 python3 tools/bench_embed_grad.py --json "$out/embed_grad32_s10.json"
     run timeout 380 python3 -m lowbit.bench step --configs moe-2.8b --recipes bf16,fp8-delayed \
       --cache-dir /tmp/xla_cache --time-budget-s 360 --json "$out/step_moe28b_h200_s10.json"
+    ;;
+  prof28)  # tenth session: kernel profiles of the moe-2.8b step, bf16 vs fp8-delayed, with their HLO sources
+    for r in bf16 fp8-delayed; do
+      rm -rf /tmp/dump
+      XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+        run timeout 250 python3 tools/step_gap.py --config moe-2.8b --recipe $r --steps 3 --train-steps 0 \
+        --trace /tmp/tr_$r --top 40 --hlo-dir /tmp/dump --kernels-tsv "$out/kernels_moe28b_$r.tsv"
+    done
     ;;
   fp4layers)  # tenth session: the magic add as the auto encoder, in the kernels and the MX layers
     run timeout 150 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 130
