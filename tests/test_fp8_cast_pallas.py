@@ -139,3 +139,16 @@ def test_auto_encode_takes_the_convert_only_where_it_is_exact(monkeypatch, cc, w
             quantize_pallas._resolve_encode("convert", mxfp8, "nearest", False)
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
             quantize_pallas._resolve_scale_encode("convert", False)
+
+
+def test_rectangular_tiles_give_the_same_bits():
+    """block=(rows, cols) sets the two sides apart ((16, 32) against 16x16): same codes, both layouts."""
+    from lowbit.kernels.fp8_cast_pallas import fp8_cast_scaled, tiles
+
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 64, 96)), jnp.bfloat16)
+    assert tiles(x.shape, (16, 32)) == (16, 32) and tiles(x.shape, (128, 8)) == (64, 8)
+    square = fp8_cast_scaled(x, "fp8", jnp.float32(0.01), transpose=True, block=16, interpret=True)
+    wide = fp8_cast_scaled(x, "fp8", jnp.float32(0.01), transpose=True, block=(16, 32), interpret=True)
+    for a, b in zip(square[:2], wide[:2], strict=True):
+        np.testing.assert_array_equal(_bits(a.data), _bits(b.data))
+    assert float(square[2]) == float(wide[2])

@@ -7,6 +7,8 @@
 #   tools/device_next.sh embed32   the float32 scatter-add embedding gradient (new default) vs bf16 and the GEMM,
 #                                  then moe-2.8b bf16 vs fp8-delayed on the H200 (random tokens)
 #   tools/device_next.sh prof28    the moe-2.8b step's GPU kernels, bf16 and fp8-delayed (where fp8's time goes)
+#   tools/device_next.sh casttiles the FP8 cast(+transpose) kernel's tiles on the H200, scaled (delayed) casts of
+#                                  the moe-2.8b step's operands included
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -54,6 +56,9 @@ case "$1" in
     run timeout 120 python3 tools/bench_embed_grad.py --json "$out/embed_grad32_s10.json"
     run timeout 380 python3 -m lowbit.bench step --configs moe-2.8b --recipes bf16,fp8-delayed \
       --cache-dir /tmp/xla_cache --time-budget-s 360 --json "$out/step_moe28b_h200_s10.json"
+    ;;
+  casttiles)  # tenth session: in the moe-2.8b fp8-delayed step the cast kernels ran at ~55% of copy bandwidth
+    run timeout 300 python3 tools/bench_fp8_cast.py --json "$out/bench_fp8_cast_s10.json"
     ;;
   prof28)  # tenth session: kernel profiles of the moe-2.8b step, bf16 vs fp8-delayed, with their HLO sources
     for r in bf16 fp8-delayed; do

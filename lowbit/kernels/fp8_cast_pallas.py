@@ -69,9 +69,19 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
         nonfinite_ref[...] = jnp.full(nonfinite_ref.shape, tile_bad, jnp.int32)
 
 
-def tiles(shape: tuple[int, ...], block: int = 64) -> tuple[int, int]:
-    """The kernel's (rows, cols) tile of [..., M, N]: the largest powers of two <= block dividing M and N."""
-    return _pow2_divisor(shape[-2], block), _pow2_divisor(shape[-1], block)
+Block = int | tuple[int, int]  # a square tile's side, or (rows, cols)
+DEFAULT_BLOCK: Block = 64  # 64x64 tiles, 8 warps: the H100 sweep's best (docs/benchmarks.md, eighth session)
+
+
+def tiles(shape: tuple[int, ...], block: Block = DEFAULT_BLOCK) -> tuple[int, int]:
+    """The kernel's (rows, cols) tile of [..., M, N]: the largest powers of two <= block (rows, cols) dividing
+    M and N."""
+    rows, cols = (block, block) if isinstance(block, int) else block
+    return _pow2_divisor(shape[-2], rows), _pow2_divisor(shape[-1], cols)
+
+
+def _static_block(block: Block) -> Block:
+    return int(block) if isinstance(block, int) else (int(block[0]), int(block[1]))
 
 
 def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | None) -> tuple[str, bool, str]:
@@ -98,7 +108,7 @@ def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | Non
 
 
 def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
-             interpret: bool | None = None, block: int = 64, num_warps: int | None = 8,
+             interpret: bool | None = None, block: Block = DEFAULT_BLOCK, num_warps: int | None = 8,
              encode: str = "auto") -> tuple[QArray, QArray | None]:
     """lowbit.quantize(x, fmt) for per-tensor FP8 on x [..., M, N], plus (transpose=True) the same
     QArray of swapaxes(x, -1, -2), one scale for the whole tensor.
@@ -110,8 +120,8 @@ def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False
     (tools/bench_fp8_cast.py; 64x64 tiles, 8 warps). "auto" takes the convert where it is exact, else magic.
     """
     name, interpret, encode = _checked(x, fmt, encode, interpret)
-    q, q_t, _ = _fp8_cast_jit(x, None, name, bool(transpose), float(prescale), interpret, int(block),
-                              num_warps, encode)
+    q, q_t, _ = _fp8_cast_jit(x, None, name, bool(transpose), float(prescale), interpret,
+                              _static_block(block), num_warps, encode)
     return q, q_t
 
 
@@ -126,7 +136,7 @@ def fp8_cast_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, *,
     """
     name, interpret, encode = _checked(x, fmt, encode, interpret)
     return _fp8_cast_jit(x, jnp.asarray(tensor_scale, jnp.float32), name, bool(transpose), float(prescale),
-                         interpret, int(block), num_warps, encode)
+                         interpret, _static_block(block), num_warps, encode)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
