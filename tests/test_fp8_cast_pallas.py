@@ -152,3 +152,24 @@ def test_rectangular_tiles_give_the_same_bits():
     for a, b in zip(square[:2], wide[:2], strict=True):
         np.testing.assert_array_equal(_bits(a.data), _bits(b.data))
     assert float(square[2]) == float(wide[2])
+
+
+# (2, 2, 32): tiles of 2 rows, too few for words: the unpacked store
+@pytest.mark.parametrize("shape", [(2, 64, 96), (128, 48), (2, 2, 32)])
+def test_packed_transposed_copy_gives_the_same_bits(shape):
+    """pack_transpose: the transposed copy stored as int32 words of 4 row-consecutive codes is byte for byte
+    the unpacked one (little-endian), as are the codes, the amax and the scale; NaN poisoning included."""
+    from lowbit.kernels.fp8_cast_pallas import fp8_cast_scaled
+
+    x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+    for xs in (x, np.where(np.arange(x.size).reshape(shape) == 5, np.nan, x)):
+        for fn in (lambda a, k: fp8_cast(a, "fp8_e5m2", transpose=True, block=16, interpret=True,
+                                          pack_transpose=k),
+                   lambda a, k: fp8_cast_scaled(a, "fp8", jnp.float32(0.02), transpose=True, block=16,
+                                                interpret=True, pack_transpose=k)):
+            plain, packed = fn(jnp.asarray(xs), False), fn(jnp.asarray(xs), True)
+            for a, b in zip(plain[:2], packed[:2], strict=True):
+                assert a.data.shape == b.data.shape
+                np.testing.assert_array_equal(_bits(a.data), _bits(b.data))
+                np.testing.assert_array_equal(np.asarray(a.tensor_scale), np.asarray(b.tensor_scale))
+            np.testing.assert_array_equal(_bits(plain[1].data), np.swapaxes(_bits(plain[0].data), -1, -2))

@@ -27,8 +27,10 @@ from lowbit.kernels.fp8_cast_pallas import fp8_cast, fp8_cast_scaled
 SCALED_SHAPES = {"full": [((8, 5120, 5120), "fp8_e5m2", jnp.bfloat16), ((8, 5120, 2560), "fp8", jnp.bfloat16),
                           ((8, 2560, 5120), "fp8", jnp.float32), ((16384, 2560), "fp8", jnp.bfloat16)],
                  "tiny": [((2, 128, 256), "fp8", jnp.bfloat16)]}
-SCALED_TILES = [((64, 64), 8), ((64, 64), 4), ((128, 128), 8), ((128, 64), 8), ((64, 128), 8),
-                ((128, 128), 4), ((256, 64), 8), ((128, 256), 8)]
+SCALED_TILES = [  # (tile, warps, transposed copy stored 4 codes per int32 word)
+    ((64, 64), 8, False), ((64, 64), 8, True), ((64, 64), 4, False), ((64, 64), 4, True),
+    ((64, 128), 8, False), ((64, 128), 8, True), ((128, 64), 8, True), ((128, 128), 8, True),
+    ((128, 128), 4, True)]
 SHAPES = {"full": [(40960, 4096, "fp8_e5m2"), (16384, 4096, "fp8"), (16384, 14336, "fp8_e5m2")],
           "tiny": [(256, 512, "fp8")]}
 
@@ -58,22 +60,22 @@ def scaled_rows(size: str, n: int, repeats: int, interpret: bool) -> list[dict]:
         copy_ms = loop_ms(jax.jit(lambda a: a * 1), x, n, repeats)
         label = f"{'x'.join(map(str, shape))} {jnp.dtype(dtype).name} {fmt}"
         print(f"{label:>34} copy {copy_ms:8.3f} ms {2 * x.nbytes / copy_ms / 1e6:7.0f} GB/s", flush=True)
-        for block, warps in SCALED_TILES:
-            fn = jax.jit(lambda a, f=fmt, s=scale, b=block, w=warps: [q.data for q in fp8_cast_scaled(
-                a, f, s, transpose=True, block=b, num_warps=w, interpret=interpret)[:2]])
+        for block, warps, pack in SCALED_TILES:
+            fn = jax.jit(lambda a, f=fmt, s=scale, b=block, w=warps, k=pack: [q.data for q in fp8_cast_scaled(
+                a, f, s, transpose=True, block=b, num_warps=w, interpret=interpret, pack_transpose=k)[:2]])
             row = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "format": fmt, "tile": list(block),
-                   "warps": warps, "copy_ms": copy_ms}
+                   "warps": warps, "pack_transpose": pack, "copy_ms": copy_ms}
             try:
                 got = [np.asarray(d).view(np.uint8) for d in fn(x)]
                 row["bit_mismatches"] = int(sum((g != r).sum() for g, r in zip(got, ref, strict=True)))
                 ms = loop_ms(fn, x, n, repeats)
                 row.update(ms=ms, gb_s=moved / ms / 1e6, of_copy=(moved / ms) / (2 * x.nbytes / copy_ms))
-                print(f"{label:>34} scaled cast+transpose tile {block} w{warps} {ms:8.3f} ms "
+                print(f"{label:>34} scaled cast+transpose {block} w{warps}{' packed' * pack} {ms:8.3f} ms "
                       f"{row['gb_s']:7.0f} GB/s {row['of_copy']:5.2f} of copy  bits differ: "
                       f"{row['bit_mismatches']}", flush=True)
             except Exception as error:  # a tile that does not compile is a row, not the end of the run
                 row["error"] = f"{type(error).__name__}: {error}"[:500]
-                print(f"{label:>34} tile {block} w{warps}: {row['error'][:120]}", flush=True)
+                print(f"{label:>34} tile {block} w{warps} pack {pack}: {row['error'][:120]}", flush=True)
             rows.append(row)
     return rows
 

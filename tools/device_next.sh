@@ -9,6 +9,7 @@
 #   tools/device_next.sh prof28    the moe-2.8b step's GPU kernels, bf16 and fp8-delayed (where fp8's time goes)
 #   tools/device_next.sh casttiles the FP8 cast(+transpose) kernel's tiles on the H200, scaled (delayed) casts of
 #                                  the moe-2.8b step's operands included
+#   tools/device_next.sh casttiles2 the same with the transposed copy stored 4 codes per int32 word
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -59,6 +60,9 @@ case "$1" in
     ;;
   casttiles)  # tenth session: in the moe-2.8b fp8-delayed step the cast kernels ran at ~55% of copy bandwidth
     run timeout 300 python3 tools/bench_fp8_cast.py --json "$out/bench_fp8_cast_s10.json"
+    ;;
+  casttiles2)  # tenth session: 1-byte transposed stores ran at ~1.1 TB/s; 4-byte words
+    run timeout 300 python3 tools/bench_fp8_cast.py --json "$out/bench_fp8_cast_pack_s10.json"
     ;;
   prof28)  # tenth session: kernel profiles of the moe-2.8b step, bf16 vs fp8-delayed, with their HLO sources
     for r in bf16 fp8-delayed; do

@@ -38,7 +38,9 @@ _AMAX_LANES = 16  # each tile writes its amax into a row this wide (Triton block
 
 
 def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int, elem_max: float,
-            prescale: float, encode: str, storage_dtype, transpose: bool, scaled: bool):
+            prescale: float, encode: str, storage_dtype, transpose: bool, scaled: bool, packed: bool):
+    """x's tile is (bm, bn), or (bm/4, 4, bn) when `packed`: then the transposed tile is stored as int32 words
+    of 4 row-consecutive codes (byte i = row 4j+i), (bn, bm/4), so its stores are 4 bytes wide, not 1."""
     x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
     x_abs = x_bits & _ABS
     normal = x_abs >= _F32_MIN_NORMAL_BITS
@@ -59,7 +61,11 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
         codes = codes.astype(jnp.uint8)
     codes = jnp.where(params_ref[1] != 0, jnp.uint8(0), codes)  # poisoned: the NaN scale says so
     out_refs[0][...] = codes
-    if transpose:
+    if transpose and packed:
+        byte = lax.broadcasted_iota(jnp.int32, codes.shape, 1) * 8
+        words = jnp.sum(codes.astype(jnp.int32) << byte, axis=1)  # disjoint bytes: the sum is an OR
+        out_refs[1][...] = words.T
+    elif transpose:
         out_refs[1][...] = codes.T
     if scaled:  # this tile's amax (float32 bits of non-negative floats order as integers) and NaN/Inf flag
         amax_ref, nonfinite_ref = out_refs[-2:]
@@ -71,6 +77,7 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
 
 Block = int | tuple[int, int]  # a square tile's side, or (rows, cols)
 DEFAULT_BLOCK: Block = 64  # 64x64 tiles, 8 warps: the H100 sweep's best (docs/benchmarks.md, eighth session)
+PACK_TRANSPOSE = False  # write the transposed copy as int32 words of 4 codes (see _kernel)
 
 
 def tiles(shape: tuple[int, ...], block: Block = DEFAULT_BLOCK) -> tuple[int, int]:
@@ -78,6 +85,10 @@ def tiles(shape: tuple[int, ...], block: Block = DEFAULT_BLOCK) -> tuple[int, in
     M and N."""
     rows, cols = (block, block) if isinstance(block, int) else block
     return _pow2_divisor(shape[-2], rows), _pow2_divisor(shape[-1], cols)
+
+
+def _pack(pack_transpose: bool | None) -> bool:
+    return PACK_TRANSPOSE if pack_transpose is None else bool(pack_transpose)
 
 
 def _static_block(block: Block) -> Block:
@@ -109,7 +120,7 @@ def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | Non
 
 def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False, prescale: float = 1.0,
              interpret: bool | None = None, block: Block = DEFAULT_BLOCK, num_warps: int | None = 8,
-             encode: str = "auto") -> tuple[QArray, QArray | None]:
+             encode: str = "auto", pack_transpose: bool | None = None) -> tuple[QArray, QArray | None]:
     """lowbit.quantize(x, fmt) for per-tensor FP8 on x [..., M, N], plus (transpose=True) the same
     QArray of swapaxes(x, -1, -2), one scale for the whole tensor.
 
@@ -118,17 +129,18 @@ def fp8_cast(x: jax.Array, fmt: Format | str = "fp8", *, transpose: bool = False
     encode: "convert" (the GPU's RNE cvt to FP8, exact from sm_90 on), "magic" (one float add) or "integer"
     (RNE on the float32 bits); same bits, the convert 1.5x faster than integer on an H100
     (tools/bench_fp8_cast.py; 64x64 tiles, 8 warps). "auto" takes the convert where it is exact, else magic.
+    pack_transpose (None: PACK_TRANSPOSE): the kernel stores the transposed copy 4 codes per int32 word.
     """
     name, interpret, encode = _checked(x, fmt, encode, interpret)
     q, q_t, _ = _fp8_cast_jit(x, None, name, bool(transpose), float(prescale), interpret,
-                              _static_block(block), num_warps, encode)
+                              _static_block(block), num_warps, encode, _pack(pack_transpose))
     return q, q_t
 
 
 def fp8_cast_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, *, transpose: bool = False,
-                    prescale: float = 1.0, interpret: bool | None = None, block: int = 64,
-                    num_warps: int | None = 8,
-                    encode: str = "auto") -> tuple[QArray, QArray | None, jax.Array]:
+                    prescale: float = 1.0, interpret: bool | None = None, block: Block = DEFAULT_BLOCK,
+                    num_warps: int | None = 8, encode: str = "auto", pack_transpose: bool | None = None,
+                    ) -> tuple[QArray, QArray | None, jax.Array]:
     """lowbit.scaling.quantize_scaled(x, fmt, tensor_scale) in one read of x: (q, q_t or None, amax).
 
     No reduction before the kernel (delayed scaling): each tile also writes its amax and a NaN/Inf flag,
@@ -136,11 +148,11 @@ def fp8_cast_scaled(x: jax.Array, fmt: Format | str, tensor_scale: jax.Array, *,
     """
     name, interpret, encode = _checked(x, fmt, encode, interpret)
     return _fp8_cast_jit(x, jnp.asarray(tensor_scale, jnp.float32), name, bool(transpose), float(prescale),
-                         interpret, _static_block(block), num_warps, encode)
+                         interpret, _static_block(block), num_warps, encode, _pack(pack_transpose))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
-def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, num_warps, encode):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8, 9))
+def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, num_warps, encode, pack):
     from jax.experimental import pallas as pl
 
     fmt = get_format(name)
@@ -155,17 +167,26 @@ def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, n
         params = jnp.stack([_div_rn(1.0, tensor_scale), poisoned.astype(jnp.float32)])
 
     batch = math.prod(lead)
-    x3 = x.reshape(batch, m, n)
     bm, bn = tiles(x.shape, block)
+    packed = bool(pack and transpose and bm >= 4)
     tiles_m, tiles_n = m // bm, n // bn
     per_batch = tiles_m * tiles_n
     grid = (batch * per_batch,)  # 1-D, row-major over (batch, tile row, tile col)
-    out_shape = [jax.ShapeDtypeStruct((batch, m, n), jnp.uint8)]
-    out_specs = [pl.BlockSpec((None, bm, bn),
-                              lambda p: (p // per_batch, (p // tiles_n) % tiles_m, p % tiles_n))]
+
+    def tile_of(p):
+        return p // per_batch, (p // tiles_n) % tiles_m, p % tiles_n
+
+    if packed:  # rows in groups of 4 (a free reshape): (batch, m/4, 4, n)
+        x_view = x.reshape(batch, m // 4, 4, n)
+        out_specs = [pl.BlockSpec((None, bm // 4, 4, bn), lambda p: (*tile_of(p)[:2], 0, tile_of(p)[2]))]
+    else:
+        x_view = x.reshape(batch, m, n)
+        out_specs = [pl.BlockSpec((None, bm, bn), tile_of)]
+    out_shape = [jax.ShapeDtypeStruct(x_view.shape, jnp.uint8)]
     if transpose:
-        out_shape.append(jax.ShapeDtypeStruct((batch, n, m), jnp.uint8))
-        out_specs.append(pl.BlockSpec((None, bn, bm),
+        rows_t, dtype_t = (m // 4, jnp.int32) if packed else (m, jnp.uint8)
+        out_shape.append(jax.ShapeDtypeStruct((batch, n, rows_t), dtype_t))
+        out_specs.append(pl.BlockSpec((None, bn, bm // 4 if packed else bm),
                                       lambda p: (p // per_batch, p % tiles_n, (p // tiles_n) % tiles_m)))
     if scaled:
         for _ in range(2):  # per-tile amax bits, per-tile NaN/Inf flag
@@ -179,12 +200,12 @@ def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, n
     outs = pl.pallas_call(
         functools.partial(_kernel, emin=fmt.emin, mbits=fmt.mbits, elem_bits=fmt.elem_bits,
                           elem_max=fmt.elem_max, prescale=prescale, encode=encode,
-                          storage_dtype=fmt.storage_dtype, transpose=transpose, scaled=scaled),
+                          storage_dtype=fmt.storage_dtype, transpose=transpose, scaled=scaled, packed=packed),
         out_shape=out_shape, grid=grid,
         in_specs=[pl.BlockSpec((2,), lambda p: (0,)), out_specs[0]],  # x's tiles are q's
         out_specs=out_specs, interpret=interpret, compiler_params=compiler_params,
         name=f"lowbit_cast_{fmt.name}" + ("_scaled" if scaled else ""),
-    )(params, x3)
+    )(params, x_view)
 
     amax = None
     if scaled:
@@ -196,4 +217,7 @@ def _fp8_cast_jit(x, given_scale, name, transpose, prescale, interpret, block, n
         return QArray(data, None, tensor_scale, fmt, tuple(range(x.ndim)), prescale)
 
     q = qarray(outs[0], x.shape)
-    return q, (qarray(outs[1], (*lead, n, m)) if transpose else None), amax
+    if not transpose:
+        return q, None, amax
+    codes_t = lax.bitcast_convert_type(outs[1], jnp.uint8) if packed else outs[1]  # little-endian bytes
+    return q, qarray(codes_t, (*lead, n, m)), amax
