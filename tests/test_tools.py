@@ -86,7 +86,8 @@ def test_fp8acc_accuracy_reference_on_cpu(tmp_path, monkeypatch):
 
 def test_bench_fp8_cast_runs_on_cpu_and_checks_bits(tmp_path, monkeypatch):
     """tools/bench_fp8_cast.py at its tiny size (Pallas interpret mode): every variant times, and the
-    kernel's bits (both layouts) equal lowbit.quantize's."""
+    kernel's bits (both layouts) equal lowbit.quantize's; the scaled cast's tiles (packed transposed
+    copy or not) all give the default tile's bits."""
     import json
     import sys
 
@@ -98,7 +99,9 @@ def test_bench_fp8_cast_runs_on_cpu_and_checks_bits(tmp_path, monkeypatch):
                        run_name="__main__")
     assert done.value.code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 15 and all("error" not in r and r["ms"] > 0 for r in rows), rows
+    # 15 = 3 references + 4 tiles x 3 kernel variants; then one scaled row per tile setting
+    assert len(rows) == 15 + 9 and all("error" not in r and r["ms"] > 0 for r in rows), rows
+    assert sum(r.get("pack_transpose", False) for r in rows) == 6
     assert {r["bit_mismatches"] for r in rows} == {0}
 
 

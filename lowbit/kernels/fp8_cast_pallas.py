@@ -76,8 +76,10 @@ def _kernel(params_ref, x_ref, *out_refs, emin: int, mbits: int, elem_bits: int,
 
 
 Block = int | tuple[int, int]  # a square tile's side, or (rows, cols)
-DEFAULT_BLOCK: Block = 64  # 64x64 tiles, 8 warps: the H100 sweep's best (docs/benchmarks.md, eighth session)
-PACK_TRANSPOSE = False  # write the transposed copy as int32 words of 4 codes (see _kernel)
+# 128x64 tiles, 8 warps, the transposed copy stored as int32 words of 4 codes (see _kernel): the H200 sweep's
+# best, 1.22-1.30x the 64x64 byte-store kernel on the moe-2.8b step's bf16 operands (docs/benchmarks.md)
+DEFAULT_BLOCK: Block = (128, 64)
+PACK_TRANSPOSE = True
 
 
 def tiles(shape: tuple[int, ...], block: Block = DEFAULT_BLOCK) -> tuple[int, int]:
