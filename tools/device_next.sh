@@ -10,7 +10,7 @@
 #   tools/device_next.sh casttiles the FP8 cast(+transpose) kernel's tiles on the H200, scaled (delayed) casts of
 #                                  the moe-2.8b step's operands included
 #   tools/device_next.sh casttiles2 the same with the transposed copy stored 4 codes per int32 word
-#   tools/device_next.sh packstep  moe-2.8b bf16, fp8, fp8-delayed with the packed 128x64 cast as default
+#   tools/device_next.sh packstep  moe-2.8b bf16 and fp8-delayed with the packed 128x64 cast as default
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -66,8 +66,8 @@ case "$1" in
     run timeout 300 python3 tools/bench_fp8_cast.py --json "$out/bench_fp8_cast_pack_s10.json"
     ;;
   packstep)  # tenth session: the step with the packed-transpose cast kernel (H200)
-    run timeout 400 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8,fp8-delayed \
-      --cache-dir /tmp/xla_cache --time-budget-s 380 --json "$out/step_moe28b_packed_s10.json"
+    run timeout 300 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8-delayed \
+      --cache-dir /tmp/xla_cache --time-budget-s 280 --json "$out/step_moe28b_packed_s10.json"
     ;;
   prof28)  # tenth session: kernel profiles of the moe-2.8b step, bf16 vs fp8-delayed, with their HLO sources
     for r in bf16 fp8-delayed; do
