@@ -26,6 +26,7 @@ from lowbit.kernels.quantize_pallas import (
     _encode_nearest,
     _pow2_divisor,
     fp8_convert_is_exact,
+    require_exact_convert,
 )
 from lowbit.quantize import QArray, _div_rn, _flush_subnormals, _per_tensor_scale
 
@@ -111,12 +112,10 @@ def _checked(x: jax.Array, fmt: Format | str, encode: str, interpret: bool | Non
         raise ValueError(f"fp8_cast encode must be one of {ENCODES}, got {encode!r}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    exact = fp8_convert_is_exact(interpret)
-    if encode == "convert" and not exact:
-        raise ValueError("fp8_cast encode='convert' rounds exactly only on sm_90+ GPUs; "
-                         "use 'magic', 'integer' or 'auto'")
+    if encode == "convert":
+        require_exact_convert("encode", interpret)
     if encode == "auto":
-        encode = "convert" if exact else "magic"
+        encode = "convert" if fp8_convert_is_exact(interpret) else "magic"
     return name, bool(interpret), encode
 
 

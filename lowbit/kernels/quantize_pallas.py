@@ -344,6 +344,13 @@ def fp8_convert_is_exact(interpret: bool) -> bool:
     return _gpu_compute_capability() >= _FP8_CONVERT_MIN_CC
 
 
+def require_exact_convert(option: str, interpret: bool) -> None:
+    """Refuse an explicit `option`='convert' where the float32 -> FP8 convert would not round exactly."""
+    if not fp8_convert_is_exact(interpret):
+        raise ValueError(f"{option}='convert' rounds exactly only on sm_90+ GPUs (this one is "
+                         f"sm_{_gpu_compute_capability():g}); use {option}='integer' or 'auto'")
+
+
 @functools.cache
 def _gpu_compute_capability() -> float:
     """The first device's CUDA compute capability (9.0 on Hopper), 0.0 where none is reported."""
@@ -477,9 +484,8 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
     if encode == "convert" and not fp8:
         raise ValueError(f"encode='convert' is for round-to-nearest 8-bit elements (MXFP8); {fmt.name} with "
                          f"rounding={rounding!r} needs encode='integer' or 'auto'")
-    if encode == "convert" and not fp8_convert_is_exact(interpret):
-        raise ValueError(f"encode='convert' rounds exactly only on sm_90+ GPUs (this one is "
-                         f"sm_{_gpu_compute_capability():g}); use encode='integer' or 'auto'")
+    if encode == "convert":
+        require_exact_convert("encode", interpret)
     if encode == "threshold" and not e2m1:
         raise ValueError(f"encode='threshold' is for round-to-nearest E2M1 elements (MXFP4, NVFP4); "
                          f"{fmt.name} with rounding={rounding!r} needs encode='integer' or 'auto'")
@@ -491,12 +497,10 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
 
 def _resolve_scale_encode(scale_encode: str, interpret: bool) -> str:
     """NVFP4's E4M3 block scale: auto takes the FP8 convert where it is exact, integer RNE elsewhere."""
-    exact = fp8_convert_is_exact(interpret)
     if scale_encode == "auto":
-        return "convert" if exact else "integer"
-    if scale_encode == "convert" and not exact:
-        raise ValueError(f"scale_encode='convert' rounds exactly only on sm_90+ GPUs (this one is "
-                         f"sm_{_gpu_compute_capability():g}); use scale_encode='integer' or 'auto'")
+        return "convert" if fp8_convert_is_exact(interpret) else "integer"
+    if scale_encode == "convert":
+        require_exact_convert("scale_encode", interpret)
     return scale_encode
 
 
