@@ -779,6 +779,32 @@ def test_gemm_embed_grad_is_the_gather_with_row_sum_gradient(monkeypatch, chunk)
         embed_tokens(embedder, tokens, False, "onehot")
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16"])
+def test_embed_tokens_of_narrow_int_ids_over_a_large_vocabulary(dtype):
+    """Ids in int8/uint8/int16 with V=300 > the dtype's range of V: the same values and table gradient as
+    int32 ids for every grad path (an int8 -1 wraps to row 299, as jnp.take does; the one-hot's iota and
+    the wrap ids + V are computed in int32, not in the narrow dtype)."""
+    embedder = nnx.Embed(300, 4, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(embedder)
+    ids = [0, 5, 127, 100, 5, -1] if dtype == "int8" else [0, 5, 127, 255, 5, 200]
+    tokens = np.asarray([ids], dtype)
+    cotangent = np.random.default_rng(5).standard_normal((1, 6, 4))
+    want = np.zeros((300, 4))
+    np.add.at(want, np.where(tokens.astype(np.int64) < 0, tokens.astype(np.int64) + 300, tokens)[0],
+              cotangent[0])
+    for iota, grad in ((False, "scatter"), (False, "gemm"), (True, "scatter")):
+        def loss(params, ids, iota=iota, grad=grad):
+            out = embed_tokens(nnx.merge(graphdef, params), ids, iota, grad)
+            return jnp.sum(out * cotangent), out
+
+        got, out = jax.grad(loss, has_aux=True)(params, jnp.asarray(tokens))
+        got32, out32 = jax.grad(loss, has_aux=True)(params, jnp.asarray(tokens.astype(np.int32)))
+        np.testing.assert_array_equal(out, out32)
+        np.testing.assert_array_equal(got["embedding"][...], got32["embedding"][...])
+        if not iota:  # the one-hot forward gives an out-of-range id (-1) a zero row instead of wrapping
+            np.testing.assert_allclose(np64(got["embedding"][...]), want, rtol=1e-6, atol=1e-6)
+
+
 def test_scatter_embed_grad_of_a_bf16_model_accumulates_in_float32():
     """A hot row summed 4096 times: the float32 scatter-add (grad="scatter") is within float32 rounding of
     the float64 sum of the bf16 cotangents; nnx.Embed's bf16 scatter-add is not (each add rounds to 2^-8)."""

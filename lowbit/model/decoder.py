@@ -164,6 +164,8 @@ def embed_tokens(embedder: nnx.Embed, tokens: jax.Array, iota: bool, grad: str =
         raise ValueError(f"embedding gradient must be one of {EMBED_GRADS}, got {grad!r}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    if tokens.dtype.itemsize < 4:  # int8/uint8 ids would overflow in ids + V (wrap) and in one_hot's iota
+        tokens = tokens.astype(jnp.int32)
     table = embedder.embedding[...]
     if not iota and grad == "scatter":
         return jnp.take(table, tokens, axis=0).astype(embedder.dtype or table.dtype)
