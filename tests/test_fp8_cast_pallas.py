@@ -131,14 +131,18 @@ def test_auto_encode_takes_the_convert_only_where_it_is_exact(monkeypatch, cc, w
     assert quantize_pallas._resolve_encode("auto", mxfp8, "nearest", False) == want
     assert quantize_pallas._resolve_encode("auto", get_format("mxfp4"), "nearest", False) == "magic"
     assert quantize_pallas._resolve_encode("auto", mxfp8, "stochastic", False) == "integer"
-    assert quantize_pallas._resolve_scale_encode("auto", False) == ("convert" if cc >= 9 else "integer")
+    nvfp4 = get_format("nvfp4")
+    want_scale = "convert" if cc >= 9 else "integer"
+    assert quantize_pallas._resolve_scale_encode("auto", nvfp4, False) == want_scale
+    # MX scales are E8M0 exponents: scale_encode does not apply, so no choice of it is refused
+    assert quantize_pallas._resolve_scale_encode("convert", mxfp8, False) == "unused"
     if want == "magic":
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
             fp8_cast_pallas._checked(x, "fp8", "convert", interpret=False)
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
             quantize_pallas._resolve_encode("convert", mxfp8, "nearest", False)
         with pytest.raises(ValueError, match="sm_90.*'integer'"):
-            quantize_pallas._resolve_scale_encode("convert", False)
+            quantize_pallas._resolve_scale_encode("convert", nvfp4, False)
 
 
 def test_rectangular_tiles_give_the_same_bits():

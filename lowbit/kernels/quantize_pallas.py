@@ -79,7 +79,7 @@ class _Plan:
     rounding: str
     div: str  # "ptx" | "int" (resolved)
     encode: str  # "integer" | "convert" | "threshold" | "magic" (resolved)
-    scale_encode: str  # NVFP4 block scale onto E4M3: "integer" | "convert" (resolved)
+    scale_encode: str  # NVFP4 block scale onto E4M3: "integer" | "convert" (resolved); MX: "unused"
     packed: bool  # FP4 written two codes per byte
     prescale: float
 
@@ -460,7 +460,7 @@ def quantize_fused(
         elem_max=fmt.elem_max, scale_mode=scale_mode if fmt.kind == "mx" else "floor",
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
         encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
-        scale_encode=_resolve_scale_encode(scale_encode, bool(interpret)),
+        scale_encode=_resolve_scale_encode(scale_encode, fmt, bool(interpret)),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
     )
     if rounding == "nearest":
@@ -495,8 +495,11 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
     return encode
 
 
-def _resolve_scale_encode(scale_encode: str, interpret: bool) -> str:
-    """NVFP4's E4M3 block scale: auto takes the FP8 convert where it is exact, integer RNE elsewhere."""
+def _resolve_scale_encode(scale_encode: str, fmt, interpret: bool) -> str:
+    """NVFP4's E4M3 block scale: auto takes the FP8 convert where it is exact, integer RNE elsewhere.
+    MX formats' E8M0 scale is an exponent, not rounded: the option is unused there (and never refused)."""
+    if fmt.kind != "nvfp4":
+        return "unused"
     if scale_encode == "auto":
         return "convert" if fp8_convert_is_exact(interpret) else "integer"
     if scale_encode == "convert":
