@@ -84,6 +84,19 @@ CASES = [
     ("mxfp4", {"encode": "magic"}, {}, np.float32),
     ("nvfp4", {"encode": "magic", "scale_encode": "integer"}, {}, np.float32),
     ("nvfp4", {"scale_encode": "convert", "fp4_layout": "codes"}, {}, jnp.bfloat16),
+    # both stores, whichever is the default: int32 words of 4 FP8 / 8 packed FP4 / 4 unpacked FP4 codes
+    ("mxfp8", {"store": "words"}, {}, jnp.bfloat16),
+    ("mxfp8", {"store": "bytes"}, {}, jnp.bfloat16),
+    ("mxfp8_e5m2", {"store": "words", "encode": "magic"}, {}, np.float32),
+    ("mxfp4", {"store": "words"}, {}, np.float32),
+    ("mxfp4", {"store": "bytes"}, {}, np.float32),
+    ("mxfp4", {"store": "words", "fp4_layout": "codes", "scale_mode": "rceil"}, {"scale_mode": "rceil"},
+     jnp.bfloat16),
+    ("nvfp4", {"store": "words"}, {}, jnp.bfloat16),
+    ("nvfp4", {"store": "bytes"}, {}, jnp.bfloat16),
+    ("nvfp4", {"store": "words", "axis": (0, 1)}, {"axis": (0, 1)}, np.float32),
+    ("mxfp8", {"store": "words", "axis": (-2, -1), "block_rows": 64, "block_cols": 64}, {"axis": (-2, -1)},
+     np.float32),
 ]
 
 
@@ -124,6 +137,12 @@ SR_CASES = [
     ("nvfp4", {}, {}, np.float32),
     ("nvfp4", {"axis": (0, 1)}, {"axis": (0, 1)}, jnp.bfloat16),
     ("mxfp8", {"axis": (-2, -1), "block_rows": 64, "block_cols": 64}, {"axis": (-2, -1)}, np.float32),
+    # the flat index of each code inside a stored word (the SR hash's input) for both stores
+    ("mxfp4", {"store": "words"}, {}, np.float32),
+    ("mxfp4", {"store": "bytes"}, {}, np.float32),
+    ("mxfp4", {"store": "words", "fp4_layout": "codes"}, {}, jnp.bfloat16),
+    ("mxfp8", {"store": "words"}, {}, np.float32),
+    ("nvfp4", {"store": "words", "axis": (0, 1)}, {"axis": (0, 1)}, jnp.bfloat16),
 ]
 
 
@@ -238,6 +257,24 @@ def test_available_and_argument_errors():
         quantize_fused(x, "mxfp8", rounding="up", interpret=True)
     with pytest.raises(ValueError, match="div"):
         quantize_fused(x, "nvfp4", div="fast")
+    with pytest.raises(ValueError, match=r"unknown store 'int64'; choose one of \('auto', 'words', 'bytes'\)"):
+        quantize_fused(x, "mxfp4", store="int64")
+
+
+def test_store_from_the_environment(monkeypatch):
+    """$LOWBIT_QUANTIZE_STORE picks auto's store (same bits); a wrong value is refused, naming the fix."""
+    from lowbit.kernels import quantize_pallas
+
+    x = jnp.asarray(_edge_input(np.float32)[:32, :64])
+    want = _bits(quantize_fused(x, "mxfp4", store="bytes", interpret=True).data)
+    for value in ("words", "BYTES", ""):
+        monkeypatch.setenv(quantize_pallas.STORE_ENV_VAR, value)
+        assert quantize_pallas._resolve_store("auto") == (value.lower() or quantize_pallas.DEFAULT_STORE)
+        np.testing.assert_array_equal(_bits(quantize_fused(x, "mxfp4", interpret=True).data), want)
+    assert quantize_pallas._resolve_store("bytes") == "bytes"  # an explicit store wins
+    monkeypatch.setenv(quantize_pallas.STORE_ENV_VAR, "int64")
+    with pytest.raises(ValueError, match=r"LOWBIT_QUANTIZE_STORE='int64' is not a store; set it to one of"):
+        quantize_fused(x, "mxfp4", interpret=True)
     with pytest.raises(ValueError, match="unknown format"):
         quantize_fused(x, "mxfp3")
 

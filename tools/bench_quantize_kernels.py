@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffers", type=int, default=3, help="input buffers rotated through the loop")
     p.add_argument("--budget-s", type=float, default=230.0, help="skip variants after this many seconds")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-size / option sweep")
+    p.add_argument("--stores-only", action="store_true",
+                   help="only the copies and int32-word vs byte stores (twice, interleaved) with a word tile sweep")
     args = p.parse_args(argv)
 
     print(f"jax {jax.__version__} backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
@@ -196,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     b.run("copy -x", lambda x: -x)
     b.copy_gbs = max((r["gbs"] for r in b.rows if "gbs" in r), default=None)
     b.run("pallas copy (Triton smoke test)", _pallas_copy)
+    if args.stores_only:
+        _stores(b)
+        return _report(b, args)
 
     for label, fmt, kw in FORMATS:
         def ref(x, fmt=fmt, kw=kw):
@@ -254,6 +259,38 @@ def main(argv: list[str] | None = None) -> int:
                   ref=lambda x, f=fmt: lowbit.quantize(x, f, rounding="stochastic", key=key),
                   fmt=fmt, impl="fused", rounding="stochastic")
 
+    return _report(b, args)
+
+
+def _stores(b: Bench) -> None:
+    """Each format with its codes stored as int32 words and one byte at a time, side by side in two interleaved
+    rounds (their spread is the run's noise), then the word store's tiles."""
+    for round_ in (1, 2):
+        for label, fmt, kw in FORMATS:
+            for store in ("bytes", "words"):
+                def variant(x, fmt=fmt, kw=kw, store=store):
+                    return quantize_fused(x, fmt, store=store, **kw)
+
+                def reference(x, fmt=fmt, kw=kw):
+                    return lowbit.quantize(x, fmt, **kw)
+                b.run(f"{label} fused store={store} (round {round_})", variant, ref=reference, fmt=label,
+                      impl="fused", store=store)
+                if fmt == "nvfp4":
+                    def given(x, kw=kw, store=store):
+                        return quantize_fused(x, "nvfp4", tensor_amax=jnp.float32(4.0), store=store, **kw)
+                    b.run(f"{label} fused store={store}, tensor_amax given (round {round_})", given, fmt=label,
+                          impl="fused-kernel-only", store=store)
+    for label, fmt, kw in (FORMATS[0], FORMATS[3], FORMATS[5]):
+        for rows, cols, warps in ((8, 512, 4), (32, 512, 8), (16, 1024, 8), (32, 1024, 8), (64, 512, 8),
+                                  (16, 256, 4)):
+            def tiled(x, fmt=fmt, kw=kw, rows=rows, cols=cols, warps=warps):
+                return quantize_fused(x, fmt, store="words", block_rows=rows, block_cols=cols, num_warps=warps,
+                                      **kw)
+            b.run(f"{label} fused store=words tile {rows}x{cols} w{warps}", tiled, fmt=label, impl="fused",
+                  tile=[rows, cols, warps], store="words")
+
+
+def _report(b: Bench, args: argparse.Namespace) -> int:
     bad = [r["name"] for r in b.rows if r.get("bit_exact") is False]
     failed = [r["name"] for r in b.rows if "error" in r]
     print(f"\n{len(b.rows)} variants, {len(failed)} failed, {len(bad)} not bit-exact: {bad}")

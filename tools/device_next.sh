@@ -11,6 +11,10 @@
 #                                  the moe-2.8b step's operands included
 #   tools/device_next.sh casttiles2 the same with the transposed copy stored 4 codes per int32 word
 #   tools/device_next.sh packstep  moe-2.8b bf16 and fp8-delayed with the packed 128x64 cast as default
+# The twelfth session's (2026-12-04):
+#   tools/device_next.sh words     the quantize kernel's codes stored as int32 words vs bytes (every format, two
+#                                  interleaved rounds, bits checked), a word tile sweep, and the MX linear layers
+#                                  with each store ($LOWBIT_QUANTIZE_STORE, one process each, bf16 in both)
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -50,6 +54,13 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  words)  # twelfth session: int32-word stores in the quantize kernel (the FP8 cast's transposed copy gained 1.3x)
+    run timeout 250 python3 tools/bench_quantize_kernels.py --stores-only --budget-s 230
+    for st in bytes words; do
+      LOWBIT_QUANTIZE_STORE=$st run timeout 150 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 \
+        --refs none --cache-dir /tmp/xla_cache --time-budget-s 140 --json "$out/gemm_mx_$st.json"
+    done
+    ;;
   fp4enc2)  # tenth session: FP4 encoders (threshold, magic) and NVFP4's scale encoder (integer, convert)
     run timeout 240 python3 tools/fp8_cast_parity.py --json "$out/parity_fp4enc2.json"
     run timeout 200 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 180

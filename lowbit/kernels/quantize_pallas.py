@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -48,6 +49,12 @@ _E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.
                    (5.0, False))
 _FP8_BY_MBITS = {3: jnp.float8_e4m3fn, 2: jnp.float8_e5m2}
 FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one code per byte
+# How the kernel stores codes: int32 words of 32 bits of consecutive codes (8 packed FP4 or 4 FP8), so that
+# each thread's stores are 4 bytes wide | one byte per store (the FP8 cast kernel's transposed copy gained
+# 1.22-1.30x from words, docs/benchmarks.md, tenth session). Same bits either way (little-endian words).
+STORES = ("auto", "words", "bytes")
+DEFAULT_STORE = "bytes"  # what "auto" takes, unless $LOWBIT_QUANTIZE_STORE says "words" or "bytes"
+STORE_ENV_VAR = "LOWBIT_QUANTIZE_STORE"
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _SUPPORTED_KINDS = ("mx", "nvfp4")
 _SIGN = np.int32(-(2**31))
@@ -81,19 +88,30 @@ class _Plan:
     encode: str  # "integer" | "convert" | "threshold" | "magic" (resolved)
     scale_encode: str  # NVFP4 block scale onto E4M3: "integer" | "convert" (resolved); MX: "unused"
     packed: bool  # FP4 written two codes per byte
+    words: bool  # stored as int32 words of 32 // code_bits codes
     prescale: float
+
+    @property
+    def code_bits(self) -> int:
+        """Bits per stored code: 4 for packed FP4, else a byte."""
+        return 4 if self.packed else 8
+
+    @property
+    def pack(self) -> int:
+        """Consecutive codes ORed into one stored unit (a byte or an int32 word); 1: one code per byte."""
+        return (32 if self.words else 8) // self.code_bits
 
     @property
     def red_axes(self) -> tuple[int, ...]:
         """Axes of the tile view that one scale covers (axis 1 has size 1 for 1-D blocks: skipped)."""
         rows = (1,) if self.tile_rows > 1 else ()
-        return (*rows, 3, 4) if self.packed else (*rows, 3)
+        return (*rows, 3, 4) if self.pack > 1 else (*rows, 3)
 
 
 def _view_shape(m: int, n: int, plan: _Plan) -> tuple[int, ...]:
-    """x (m, n) seen as (m/R, R, n/B, B) (FP4 packed: (..., B/2, 2)); a free reshape in XLA."""
+    """x (m, n) seen as (m/R, R, n/B, B), or (..., B/P, P) with P = plan.pack > 1; a free reshape in XLA."""
     r, b = plan.tile_rows, plan.block
-    tail = (b // 2, 2) if plan.packed else (b,)
+    tail = (b // plan.pack, plan.pack) if plan.pack > 1 else (b,)
     return (m // r, r, n // b, *tail)
 
 
@@ -217,14 +235,14 @@ def _encode_stochastic(y: jax.Array, u: jax.Array, emin: int, mbits: int, elem_b
 def _flat_index(shape: tuple[int, ...], origin: tuple[jax.Array, jax.Array], n: int,
                 plan: _Plan) -> jax.Array:
     """C-order flat index in x (m, n), mod 2^32, of each element of a tile of the view
-    (m/R, R, n/B, B) or, packed FP4, (m/R, R, n/B, B/2, 2): row = (row group)·R + r, col = block·B + c.
+    (m/R, R, n/B, B) or (m/R, R, n/B, B/P, P), P = plan.pack: row = (row group)·R + r, col = block·B + c.
     uint32 arithmetic is exact mod 2^32, so this equals lowbit.quantize.flat_index(x.shape)."""
     r, b = plan.tile_rows, plan.block
     row0, blk0 = origin
     ax = [lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(len(shape))]
     row = (row0.astype(jnp.uint32) + ax[0]) * jnp.uint32(r) + ax[1]
     col = (blk0.astype(jnp.uint32) + ax[2]) * jnp.uint32(b)
-    col = col + (ax[3] * jnp.uint32(2) + ax[4] if plan.packed else ax[3])
+    col = col + (ax[3] * jnp.uint32(plan.pack) + ax[4] if plan.pack > 1 else ax[3])
     return row * jnp.uint32(n) + col
 
 
@@ -299,10 +317,10 @@ def _kernel(*refs, plan: _Plan, n: int):
         u = uniform_from_bits(sr_hash(index, (seeds_ref[0], seeds_ref[1])))
         codes = _encode_stochastic(y, u, plan.emin, plan.mbits, plan.elem_bits)
     codes = jnp.where(poisoned, 0, codes)  # the NaN scale carries the poison
-    if plan.packed:  # even element in the low nibble (lowbit.pack_fp4's order)
-        nibble = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * 4
-        codes = jnp.sum(codes << nibble, axis=-1)
-    data_ref[...] = codes.astype(jnp.uint8)
+    if plan.pack > 1:  # element i of P in bits [i·b, (i+1)·b): even FP4 in the low nibble (lowbit.pack_fp4)
+        shift = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * plan.code_bits
+        codes = jnp.sum(codes << shift, axis=-1)  # disjoint bits: the (wrapping) sum is an OR
+    data_ref[...] = codes if plan.words else codes.astype(jnp.uint8)
     nan_code = _E8M0_NAN if plan.kind == "mx" else _E4M3_NAN
     scale_ref[...] = jnp.where(poisoned, nan_code, scale_code).astype(jnp.uint8)
 
@@ -418,6 +436,7 @@ def quantize_fused(
     encode: str = "auto",
     scale_encode: str = "auto",
     fp4_layout: str = "packed",
+    store: str = "auto",
     block_rows: int = 16,
     block_cols: int = 512,
     num_warps: int | None = 8,
@@ -430,6 +449,7 @@ def quantize_fused(
     `encode`: RNE by integer ops on the float32 bits, by one float add of a power of two ("magic"), or
     (auto, round-to-nearest) the float32 -> FP8 convert for MXFP8 and midpoint compares for E2M1; same
     bits, held to ml_dtypes on every midpoint. `scale_encode`: NVFP4's E4M3 block scale, likewise.
+    `store`: codes stored as int32 words or one byte at a time (same bits; auto: DEFAULT_STORE).
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -440,7 +460,7 @@ def quantize_fused(
         raise ValueError(f"unknown scale_mode {scale_mode!r}; choose one of {SCALE_MODES}")
     for name, value, choices in (("div", div, DIV_IMPLS), ("encode", encode, ENCODE_IMPLS),
                                  ("scale_encode", scale_encode, SCALE_ENCODES),
-                                 ("fp4_layout", fp4_layout, FP4_LAYOUTS)):
+                                 ("fp4_layout", fp4_layout, FP4_LAYOUTS), ("store", store, STORES)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
     if rounding == "stochastic" and key is None:
@@ -461,7 +481,8 @@ def quantize_fused(
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
         encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
         scale_encode=_resolve_scale_encode(scale_encode, fmt, bool(interpret)),
-        packed=fmt.elem_bits == 4 and fp4_layout == "packed", prescale=float(prescale),
+        packed=fmt.elem_bits == 4 and fp4_layout == "packed",
+        words=_resolve_store(store) == "words", prescale=float(prescale),
     )
     if rounding == "nearest":
         key = None
@@ -493,6 +514,16 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
         raise ValueError(f"encode='magic' is for round-to-nearest; rounding={rounding!r} needs "
                          "encode='integer' or 'auto'")
     return encode
+
+
+def _resolve_store(store: str) -> str:
+    """auto: $LOWBIT_QUANTIZE_STORE if set, else DEFAULT_STORE (both stores give the same bits)."""
+    if store != "auto":
+        return store
+    env = os.environ.get(STORE_ENV_VAR, "").strip().lower()
+    if env and env not in STORES[1:]:
+        raise ValueError(f"${STORE_ENV_VAR}={env!r} is not a store; set it to one of {STORES[1:]} or unset it")
+    return env or DEFAULT_STORE
 
 
 def _resolve_scale_encode(scale_encode: str, fmt, interpret: bool) -> str:
@@ -541,11 +572,12 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
     inputs.append(x.reshape(view))
     in_specs.append(pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))))
 
-    data_view = view[:-1] if plan.packed else view
-    data_tile = tile[:-1] if plan.packed else tile
+    data_view = view[:-1] if plan.pack > 1 else view
+    data_tile = tile[:-1] if plan.pack > 1 else tile
     scale_view = tuple(1 if d in (1, 3, 4) else v for d, v in enumerate(view))
     scale_tile = tuple(1 if d in (1, 3, 4) else t for d, t in enumerate(tile))
-    out_shape = (jax.ShapeDtypeStruct(data_view, jnp.uint8), jax.ShapeDtypeStruct(scale_view, jnp.uint8))
+    out_shape = (jax.ShapeDtypeStruct(data_view, jnp.int32 if plan.words else jnp.uint8),
+                 jax.ShapeDtypeStruct(scale_view, jnp.uint8))
     out_specs = (pl.BlockSpec(data_tile, functools.partial(tile_index, rank=len(data_view))),
                  pl.BlockSpec(scale_tile, functools.partial(tile_index, rank=len(view))))
     compiler_params = None
@@ -564,6 +596,8 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
         name=f"lowbit_quantize_{fmt.name}",
     )(*inputs)
 
+    if plan.words:  # int32 words -> their little-endian bytes, in order
+        codes = lax.bitcast_convert_type(codes, jnp.uint8)
     if plan.packed:  # bytes -> pairs of E2M1, element 0 in the low nibble
         data = lax.bitcast_convert_type(codes.reshape(m, n // 2), fmt.storage_dtype).reshape(m, n)
     elif fmt.elem_bits == 4:
