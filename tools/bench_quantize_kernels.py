@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-size / option sweep")
     p.add_argument("--stores-only", action="store_true",
                    help="only the copies and int32-word vs byte stores (twice, interleaved) with a word tile sweep")
+    p.add_argument("--word-tiles", default="8x512w4,32x512w8,16x1024w8,32x1024w8,64x512w8,16x256w4",
+                   help="--stores-only's tile sweep: comma list of <block_rows>x<block_cols>w<num_warps>")
+    p.add_argument("--store-rounds", type=int, default=2, help="--stores-only: interleaved rounds of both stores")
+    p.add_argument("--sweep-formats", default="mxfp8,mxfp4,nvfp4",
+                   help="--stores-only: labels of FORMATS in the word tile sweep (nvfp4 also with its amax given)")
     args = p.parse_args(argv)
 
     print(f"jax {jax.__version__} backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stores(b: Bench) -> None:
     """Each format with its codes stored as int32 words and one byte at a time, side by side in two interleaved
     rounds (their spread is the run's noise), then the word store's tiles."""
-    for round_ in (1, 2):
+    for round_ in range(1, b.args.store_rounds + 1):
         for label, fmt, kw in FORMATS:
             for store in ("bytes", "words"):
                 def variant(x, fmt=fmt, kw=kw, store=store):
@@ -280,14 +285,19 @@ def _stores(b: Bench) -> None:
                         return quantize_fused(x, "nvfp4", tensor_amax=jnp.float32(4.0), store=store, **kw)
                     b.run(f"{label} fused store={store}, tensor_amax given (round {round_})", given, fmt=label,
                           impl="fused-kernel-only", store=store)
-    for label, fmt, kw in (FORMATS[0], FORMATS[3], FORMATS[5]):
-        for rows, cols, warps in ((8, 512, 4), (32, 512, 8), (16, 1024, 8), (32, 1024, 8), (64, 512, 8),
-                                  (16, 256, 4)):
-            def tiled(x, fmt=fmt, kw=kw, rows=rows, cols=cols, warps=warps):
-                return quantize_fused(x, fmt, store="words", block_rows=rows, block_cols=cols, num_warps=warps,
-                                      **kw)
-            b.run(f"{label} fused store=words tile {rows}x{cols} w{warps}", tiled, fmt=label, impl="fused",
-                  tile=[rows, cols, warps], store="words")
+    tiles = [tuple(int(v) for v in t.replace("w", "x").split("x")) for t in b.args.word_tiles.split(",") if t]
+    labels = b.args.sweep_formats.split(",")
+    for label, fmt, kw in [f for f in FORMATS if f[0] in labels]:
+        for rows, cols, warps in tiles:
+            for amax in ((None, jnp.float32(4.0)) if fmt == "nvfp4" else (None,)):
+                def tiled(x, fmt=fmt, kw=kw, rows=rows, cols=cols, warps=warps, amax=amax):
+                    extra = {} if amax is None else {"tensor_amax": amax}
+                    return quantize_fused(x, fmt, store="words", block_rows=rows, block_cols=cols,
+                                          num_warps=warps, **kw, **extra)
+                given = "" if amax is None else ", tensor_amax given"
+                b.run(f"{label} fused store=words tile {rows}x{cols} w{warps}{given}", tiled, fmt=label,
+                      impl="fused" if amax is None else "fused-kernel-only", tile=[rows, cols, warps],
+                      store="words")
 
 
 def _report(b: Bench, args: argparse.Namespace) -> int:

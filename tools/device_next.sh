@@ -15,6 +15,7 @@
 #   tools/device_next.sh words     the quantize kernel's codes stored as int32 words vs bytes (every format, two
 #                                  interleaved rounds, bits checked), a word tile sweep, and the MX linear layers
 #                                  with each store ($LOWBIT_QUANTIZE_STORE, one process each, bf16 in both)
+#   tools/device_next.sh words2    the word store's FP4 tiles and warps, then bench step small mxfp4/nvfp4 per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
@@ -54,6 +55,15 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  words2)  # twelfth session: the word store's tiles for FP4, then the small step's MX recipes with each store
+    run timeout 150 python3 tools/bench_quantize_kernels.py --stores-only --store-rounds 1 --budget-s 130 \
+      --sweep-formats "mxfp4,mxfp4 rceil,nvfp4,nvfp4 16x16" \
+      --word-tiles 16x512w8,16x512w4,8x512w4,16x256w4,8x256w4,32x256w4,16x128w4,32x128w4,8x256w2,16x256w8
+    for st in bytes words; do
+      LOWBIT_QUANTIZE_STORE=$st run timeout 210 python3 -m lowbit.bench step --configs small --recipes mxfp4,nvfp4 \
+        --cache-dir /tmp/xla_cache --time-budget-s 200 --json "$out/step_small_mx_$st.json"
+    done
+    ;;
   words)  # twelfth session: int32-word stores in the quantize kernel (the FP8 cast's transposed copy gained 1.3x)
     run timeout 250 python3 tools/bench_quantize_kernels.py --stores-only --budget-s 230
     for st in bytes words; do
