@@ -269,9 +269,11 @@ def test_store_from_the_environment(monkeypatch):
     want = _bits(quantize_fused(x, "mxfp4", store="bytes", interpret=True).data)
     for value in ("words", "BYTES", ""):
         monkeypatch.setenv(quantize_pallas.STORE_ENV_VAR, value)
-        assert quantize_pallas._resolve_store("auto") == (value.lower() or quantize_pallas.DEFAULT_STORE)
+        for fmt, default in (("mxfp4", "words"), ("nvfp4", "words"), ("mxfp8", "bytes")):
+            got = quantize_pallas._resolve_store("auto", lowbit.get_format(fmt))
+            assert got == (value.lower() or default), (value, fmt, got)
         np.testing.assert_array_equal(_bits(quantize_fused(x, "mxfp4", interpret=True).data), want)
-    assert quantize_pallas._resolve_store("bytes") == "bytes"  # an explicit store wins
+    assert quantize_pallas._resolve_store("bytes", lowbit.get_format("mxfp4")) == "bytes"  # explicit wins
     monkeypatch.setenv(quantize_pallas.STORE_ENV_VAR, "int64")
     with pytest.raises(ValueError, match=r"LOWBIT_QUANTIZE_STORE='int64' is not a store; set it to one of"):
         quantize_fused(x, "mxfp4", interpret=True)

@@ -15,14 +15,18 @@
 #   tools/device_next.sh words     the quantize kernel's codes stored as int32 words vs bytes (every format, two
 #                                  interleaved rounds, bits checked), a word tile sweep, and the MX linear layers
 #                                  with each store ($LOWBIT_QUANTIZE_STORE, one process each, bf16 in both)
-#   tools/device_next.sh words2    the word store's FP4 tiles and warps, then bench step small mxfp4/nvfp4 per store
+#   tools/device_next.sh words2    the word store's FP4 tiles and warps
+#   tools/device_next.sh words3    the standard quantize table with the new FP4 defaults
+#   tools/device_next.sh mxsteps   bench step small mxfp4/nvfp4, once per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
 #                                  moe-1.8b step, fp8 vs fp8-delayed (bf16 in the same runs)
 #   tools/device_next.sh delayed2  fp8-delayed vs fp8 at moe-2.8b and small, and 200 training steps of small
 # Done in the eighth session (docs/benchmarks.md "Eighth session"): fp8cast, fp8prof, convert, fp4enc, bigsmall,
 # embedgrad.
-# Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl.
+# Start each call with the wheel install of docs/benchmarks.md (grain etc.) and carry .whl. grain needs array_record
+# on Linux; its cp312 wheel is tagged manylinux2014: pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 array_record==0.8.6 -d .whl
 # Done in the seventh session (docs/benchmarks.md): fp8 cast variants (tools/fp8_cast_study.py, in git at
 # fa12517 and c26312d; all reverted), moe-1.8b bf16/mxfp4/fp8 (`steps4` with fp8), Blackwell AOT with mxfp4
 # (mxfp4 is not a native format), and the FP8 tile sweep (the first half of `fp8pallas`).
@@ -59,6 +63,11 @@ case "$1" in
     run timeout 150 python3 tools/bench_quantize_kernels.py --stores-only --store-rounds 1 --budget-s 130 \
       --sweep-formats "mxfp4,mxfp4 rceil,nvfp4,nvfp4 16x16" \
       --word-tiles 16x512w8,16x512w4,8x512w4,16x256w4,8x256w4,32x256w4,16x128w4,32x128w4,8x256w2,16x256w8
+    ;;
+  words3)  # twelfth session: the standard quantize table with the new FP4 defaults (words, 8x512 tiles, 4 warps)
+    run timeout 110 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 90
+    ;;
+  mxsteps)  # twelfth session: the small step's MX recipes with each store (needs array_record's cp312 wheel)
     for st in bytes words; do
       LOWBIT_QUANTIZE_STORE=$st run timeout 210 python3 -m lowbit.bench step --configs small --recipes mxfp4,nvfp4 \
         --cache-dir /tmp/xla_cache --time-budget-s 200 --json "$out/step_small_mx_$st.json"

@@ -52,9 +52,13 @@ FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one
 # How the kernel stores codes: int32 words of 32 bits of consecutive codes (8 packed FP4 or 4 FP8), so that
 # each thread's stores are 4 bytes wide | one byte per store (the FP8 cast kernel's transposed copy gained
 # 1.22-1.30x from words, docs/benchmarks.md, tenth session). Same bits either way (little-endian words).
+# auto (unless $LOWBIT_QUANTIZE_STORE says "words" or "bytes"): words for FP4, 1.45-1.51x faster than bytes on
+# an H200; bytes for FP8, where words were within run-to-run noise (0.57-1.09x; docs/benchmarks.md, twelfth session)
 STORES = ("auto", "words", "bytes")
-DEFAULT_STORE = "bytes"  # what "auto" takes, unless $LOWBIT_QUANTIZE_STORE says "words" or "bytes"
 STORE_ENV_VAR = "LOWBIT_QUANTIZE_STORE"
+# (block_rows, block_cols, num_warps) by element bits when not given: FP4 from the H200's word-store sweep (8x512
+# with 4 warps: 1.09-1.17x the 16x512 / 8 warps of FP8 on NVFP4, equal on MXFP4)
+DEFAULT_TILES = {8: (16, 512, 8), 4: (8, 512, 4)}
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _SUPPORTED_KINDS = ("mx", "nvfp4")
 _SIGN = np.int32(-(2**31))
@@ -437,9 +441,9 @@ def quantize_fused(
     scale_encode: str = "auto",
     fp4_layout: str = "packed",
     store: str = "auto",
-    block_rows: int = 16,
-    block_cols: int = 512,
-    num_warps: int | None = 8,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    num_warps: int | None = None,
 ) -> QArray:
     """lowbit.quantize(x, fmt, axis, rounding, key, scale_mode, prescale=...) as one fused kernel.
 
@@ -449,7 +453,8 @@ def quantize_fused(
     `encode`: RNE by integer ops on the float32 bits, by one float add of a power of two ("magic"), or
     (auto, round-to-nearest) the float32 -> FP8 convert for MXFP8 and midpoint compares for E2M1; same
     bits, held to ml_dtypes on every midpoint. `scale_encode`: NVFP4's E4M3 block scale, likewise.
-    `store`: codes stored as int32 words or one byte at a time (same bits; auto: DEFAULT_STORE).
+    `store`: codes stored as int32 words or one byte at a time (same bits; auto: words for FP4, bytes for FP8).
+    block_rows, block_cols, num_warps: the kernel's tile of x and its warps (None: DEFAULT_TILES).
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -482,12 +487,12 @@ def quantize_fused(
         encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
         scale_encode=_resolve_scale_encode(scale_encode, fmt, bool(interpret)),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed",
-        words=_resolve_store(store) == "words", prescale=float(prescale),
+        words=_resolve_store(store, fmt) == "words", prescale=float(prescale),
     )
     if rounding == "nearest":
         key = None
     return _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, bool(interpret),
-                               int(block_rows), int(block_cols), num_warps)
+                               *_resolve_tile(fmt, block_rows, block_cols, num_warps))
 
 
 def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
@@ -516,14 +521,22 @@ def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
     return encode
 
 
-def _resolve_store(store: str) -> str:
-    """auto: $LOWBIT_QUANTIZE_STORE if set, else DEFAULT_STORE (both stores give the same bits)."""
+def _resolve_store(store: str, fmt: Format) -> str:
+    """auto: $LOWBIT_QUANTIZE_STORE if set, else words for FP4 and bytes for FP8 (both give the same bits)."""
     if store != "auto":
         return store
     env = os.environ.get(STORE_ENV_VAR, "").strip().lower()
     if env and env not in STORES[1:]:
         raise ValueError(f"${STORE_ENV_VAR}={env!r} is not a store; set it to one of {STORES[1:]} or unset it")
-    return env or DEFAULT_STORE
+    return env or ("words" if fmt.elem_bits == 4 else "bytes")
+
+
+def _resolve_tile(fmt: Format, block_rows: int | None, block_cols: int | None,
+                  num_warps: int | None) -> tuple[int, int, int]:
+    """The given tile and warps, each None taken from DEFAULT_TILES for fmt's element width."""
+    rows, cols, warps = DEFAULT_TILES[fmt.elem_bits]
+    return (int(rows if block_rows is None else block_rows), int(cols if block_cols is None else block_cols),
+            int(warps if num_warps is None else num_warps))
 
 
 def _resolve_scale_encode(scale_encode: str, fmt, interpret: bool) -> str:
