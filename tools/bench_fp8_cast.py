@@ -47,7 +47,19 @@ def loop_ms(fn, x, n: int, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def scaled_rows(size: str, n: int, repeats: int, interpret: bool) -> list[dict]:
+def parse_tiles(spec: str) -> list[tuple[tuple[int, int], int, bool]]:
+    """'128x64w8p,256x64w4' -> [((128, 64), 8, True), ((256, 64), 4, False)]: rows x cols, warps, p = packed."""
+    tiles = []
+    for item in filter(None, spec.split(",")):
+        pack = item.endswith("p")
+        shape, warps = item.rstrip("p").split("w")
+        rows, cols = shape.split("x")
+        tiles.append(((int(rows), int(cols)), int(warps), pack))
+    return tiles
+
+
+def scaled_rows(size: str, n: int, repeats: int, interpret: bool,
+                tiles: list[tuple[tuple[int, int], int, bool]] | None = None) -> list[dict]:
     """fp8_cast_scaled(transpose=True) per tile: bits equal to the default tile's, then ms and GB/s counting
     x read once and both FP8 layouts written, against a copy of x in the same process."""
     rows = []
@@ -60,7 +72,7 @@ def scaled_rows(size: str, n: int, repeats: int, interpret: bool) -> list[dict]:
         copy_ms = loop_ms(jax.jit(lambda a: a * 1), x, n, repeats)
         label = f"{'x'.join(map(str, shape))} {jnp.dtype(dtype).name} {fmt}"
         print(f"{label:>34} copy {copy_ms:8.3f} ms {2 * x.nbytes / copy_ms / 1e6:7.0f} GB/s", flush=True)
-        for block, warps, pack in SCALED_TILES:
+        for block, warps, pack in tiles or SCALED_TILES:
             fn = jax.jit(lambda a, f=fmt, s=scale, b=block, w=warps, k=pack: [q.data for q in fp8_cast_scaled(
                 a, f, s, transpose=True, block=b, num_warps=w, interpret=interpret, pack_transpose=k)[:2]])
             row = {"shape": list(shape), "dtype": jnp.dtype(dtype).name, "format": fmt, "tile": list(block),
@@ -86,10 +98,12 @@ def main() -> int:
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="")
+    p.add_argument("--scaled-only", action="store_true", help="only the scaled (delayed) cast+transpose rows")
+    p.add_argument("--scaled-tiles", default="", help="their tiles, e.g. 128x64w8p,256x64w4p (p: packed words)")
     args = p.parse_args()
     interpret = jax.default_backend() != "gpu"
     rows = []
-    for m, n, fmt in SHAPES[args.size]:
+    for m, n, fmt in [] if args.scaled_only else SHAPES[args.size]:
         x = jax.random.normal(jax.random.key(m + n), (m, n), jnp.bfloat16)
         ref = lowbit.quantize(x, fmt)
         q, qt = fp8_cast(x, fmt, transpose=True, interpret=interpret)
@@ -126,7 +140,7 @@ def main() -> int:
             print(f"{row['shape']:>12} {fmt:8s} {name:36s} "
                   + (f"{row['ms']:8.3f} ms {row['gb_s']:7.0f} GB/s" if "ms" in row else row["error"][:120])
                   + f"  bits differ: {mismatch}", flush=True)
-    rows += scaled_rows(args.size, args.n, args.repeats, interpret)
+    rows += scaled_rows(args.size, args.n, args.repeats, interpret, parse_tiles(args.scaled_tiles))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"devices": str(jax.devices()), "jax": jax.__version__, "rows": rows}, f, indent=1)

@@ -17,6 +17,7 @@
 #                                  with each store ($LOWBIT_QUANTIZE_STORE, one process each, bf16 in both)
 #   tools/device_next.sh words2    the word store's FP4 tiles and warps
 #   tools/device_next.sh words3    the standard quantize table with the new FP4 defaults
+#   tools/device_next.sh casttiles3 taller tiles for the FP8 scaled cast+transpose (moe-2.8b operands)
 #   tools/device_next.sh mxsteps   bench step small mxfp4/nvfp4, once per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
@@ -63,6 +64,10 @@ case "$1" in
     run timeout 150 python3 tools/bench_quantize_kernels.py --stores-only --store-rounds 1 --budget-s 130 \
       --sweep-formats "mxfp4,mxfp4 rceil,nvfp4,nvfp4 16x16" \
       --word-tiles 16x512w8,16x512w4,8x512w4,16x256w4,8x256w4,32x256w4,16x128w4,32x128w4,8x256w2,16x256w8
+    ;;
+  casttiles3)  # twelfth session: taller tiles for the scaled cast+transpose (its transposed rows are bm bytes long)
+    run timeout 200 python3 tools/bench_fp8_cast.py --scaled-only --json "$out/bench_fp8_cast_tiles_s12.json" \
+      --scaled-tiles 128x64w8p,256x64w8p,256x64w4p,256x32w8p,256x32w4p,128x32w4p,256x128w8p,512x32w8p,128x64w8p
     ;;
   words3)  # twelfth session: the standard quantize table with the new FP4 defaults (words, 8x512 tiles, 4 warps)
     run timeout 110 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 90
