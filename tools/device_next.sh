@@ -18,6 +18,7 @@
 #   tools/device_next.sh words2    the word store's FP4 tiles and warps
 #   tools/device_next.sh words3    the standard quantize table with the new FP4 defaults
 #   tools/device_next.sh casttiles3 taller tiles for the FP8 scaled cast+transpose (moe-2.8b operands)
+#   tools/device_next.sh mxfinal   the FP4 linear layers and the moe-1.8b nvfp4/mxfp4 steps with the new defaults
 #   tools/device_next.sh mxsteps   bench step small mxfp4/nvfp4, once per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
@@ -68,6 +69,12 @@ case "$1" in
   casttiles3)  # twelfth session: taller tiles for the scaled cast+transpose (its transposed rows are bm bytes long)
     run timeout 200 python3 tools/bench_fp8_cast.py --scaled-only --json "$out/bench_fp8_cast_tiles_s12.json" \
       --scaled-tiles 128x64w8p,256x64w8p,256x64w4p,256x32w8p,256x32w4p,128x32w4p,256x128w8p,512x32w8p,128x64w8p
+    ;;
+  mxfinal)  # twelfth session: FP4 layers and the moe-1.8b MX steps with the new FP4 kernel defaults
+    run timeout 100 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp4,nvfp4 --refs none \
+      --cache-dir /tmp/xla_cache --time-budget-s 90 --json "$out/gemm_fp4_s12.json"
+    run timeout 440 python3 -m lowbit.bench step --configs moe-1.8b --recipes nvfp4,mxfp4 \
+      --cache-dir /tmp/xla_cache --time-budget-s 420 --json "$out/step_moe18b_fp4_s12.json"
     ;;
   words3)  # twelfth session: the standard quantize table with the new FP4 defaults (words, 8x512 tiles, 4 warps)
     run timeout 110 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 90
