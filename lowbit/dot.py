@@ -37,14 +37,15 @@ from lowbit.formats import get_format
 from lowbit.kernels.dispatch import (
     quantize,
     quantize_scaled_with_transpose,
+    quantize_values,
     quantize_with_transpose,
     use_fp8_cast,
 )
-from lowbit.quantize import QArray
+from lowbit.quantize import BlockValues, QArray
 from lowbit.recipes import OperandConfig, PassConfig, Recipe, get_recipe
 from lowbit.scaling import ROW_DY, ROW_W, ROW_X, check_history, history_amax, scale_from_amax, updated_history
 
-Operand = QArray | jax.Array
+Operand = QArray | BlockValues | jax.Array
 
 # fold_in constants: one key per call -> per pass -> per operand / Hadamard signs.
 _PASS_IDS = {"fprop": 1, "dgrad": 2, "wgrad": 3}
@@ -82,16 +83,19 @@ def _prepared(a: jax.Array) -> jax.Array:
 
 
 def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int],
-                      pad: bool) -> Operand:
-    """Quantize `a` per `cfg` with blocks along `axis` (2-D tiles: the pair of axes); None: keep `a`."""
+                      pad: bool, values_dtype: Any = None) -> Operand:
+    """Quantize `a` per `cfg` with blocks along `axis` (2-D tiles: the pair of axes); None: keep `a`.
+    values_dtype (an emulated GEMM's operand, used at once): BlockValues where the kernel can emit them."""
     if not cfg.quantized:
         return a
     # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
     # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
-    # else lowbit.quantize's XLA ops.
-    return quantize(_prepared(a), cfg.format, axis=axis, rounding=cfg.rounding,
-                    key=key if cfg.rounding == "stochastic" else None,
-                    scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
+    # else lowbit.quantize's XLA ops. quantize_values: the same kernel writing data · block scale only.
+    kwargs = dict(axis=axis, rounding=cfg.rounding, key=key if cfg.rounding == "stochastic" else None,
+                  scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
+    if values_dtype is not None:
+        return quantize_values(_prepared(a), cfg.format, **kwargs, dtype=values_dtype)
+    return quantize(_prepared(a), cfg.format, **kwargs)
 
 
 def _delayed_scale(history: jax.Array | None, row: int, cfg: OperandConfig, recipe: Recipe) -> Any:
@@ -102,10 +106,10 @@ def _delayed_scale(history: jax.Array | None, row: int, cfg: OperandConfig, reci
 
 
 def _scaled_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tuple[int, int], pad: bool,
-                    scale: Any) -> tuple[Operand, Any]:
+                    scale: Any, values_dtype: Any = None) -> tuple[Operand, Any]:
     """(quantized `a`, its amax): with a delayed `scale` the amax comes out of the cast, else None."""
     if scale is None:
-        return _quantize_operand(a, cfg, key, axis, pad), None
+        return _quantize_operand(a, cfg, key, axis, pad, values_dtype), None
     q, _, amax = quantize_scaled_with_transpose(_prepared(a), cfg.format, scale, cfg.rounding,
                                                 key if cfg.rounding == "stochastic" else None,
                                                 prescale=cfg.prescale, transpose=False)
@@ -182,6 +186,11 @@ def _reusable(shared: OperandConfig, *passes: PassConfig) -> bool:
     return shared.block_2d or get_format(shared.format).kind == "tensor"
 
 
+def _values_dtype(static: _Static) -> Any:
+    """The dtype of block values for an emulated GEMM's operands used at once (None: other backends)."""
+    return jnp.dtype(static.recipe.compute_dtype) if static.backend == "emulate" else None
+
+
 def _gemm(static: _Static, lhs: Operand, rhs: Operand, out_dtype: Any) -> jax.Array:
     # A pass the recipe keeps in high precision (e.g. mxfp4's bf16 fprop) is a plain GEMM on any backend.
     backend = static.backend
@@ -213,7 +222,8 @@ def _qmatmul_fwd(x, w, key, history, static: _Static):
     if _shared(fprop, "lhs", wgrad, "lhs"):
         qx, x_wgrad, amax_x = _quantize_twins(x, fprop.lhs, k_x, pad, scale=scale(ROW_X, fprop.lhs))
     else:
-        qx, amax_fx = _scaled_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad, scale(ROW_X, fprop.lhs))
+        qx, amax_fx = _scaled_operand(x_f, fprop.lhs, k_x, _tn_axis(fprop.lhs), pad, scale(ROW_X, fprop.lhs),
+                                      _values_dtype(static))
         x_wgrad, amax_wx = _fresh_operand(wgrad, "wgrad", "lhs", jnp.swapaxes(x, 1, 2), key, pad,
                                           scale(ROW_X, wgrad.lhs))
         amax_x = _first(amax_fx, amax_wx)
@@ -222,7 +232,7 @@ def _qmatmul_fwd(x, w, key, history, static: _Static):
                                                scale=scale(ROW_W, fprop.rhs))
     else:
         qwt, amax_fw = _scaled_operand(wt_f, fprop.rhs, k_w, _tn_axis(fprop.rhs), pad,
-                                       scale(ROW_W, fprop.rhs))
+                                       scale(ROW_W, fprop.rhs), _values_dtype(static))
         w_dgrad, amax_dw = _fresh_operand(dgrad, "dgrad", "rhs", w, key, pad, scale(ROW_W, dgrad.rhs))
         amax_w = _first(amax_fw, amax_dw)
     y = _gemm(static, qx, qwt, static.out_dtype)
@@ -238,14 +248,14 @@ def _shared(prev_pass: PassConfig, prev_side: str, cur_pass: PassConfig, cur_sid
 
 
 def _fresh_operand(cur_pass: PassConfig, pass_name: str, side: str, a: jax.Array, key: Any,
-                   pad: bool, scale: Any = None) -> tuple[Operand, Any]:
+                   pad: bool, scale: Any = None, values_dtype: Any = None) -> tuple[Operand, Any]:
     """(operand `side` of `cur_pass` from `a` (already in cur_pass's layout), quantized along cur_pass's
     contraction axis after cur_pass's RHT if any; its amax under a delayed `scale`, else None)."""
     cfg = getattr(cur_pass, side)
     k_lhs, k_rhs, k_rht = _pass_keys(key, pass_name)
     if cur_pass.hadamard_block is not None:
         a = _rht_pair(cur_pass, k_rht, a, a)[0]
-    return _scaled_operand(a, cfg, k_lhs if side == "lhs" else k_rhs, _tn_axis(cfg), pad, scale)
+    return _scaled_operand(a, cfg, k_lhs if side == "lhs" else k_rhs, _tn_axis(cfg), pad, scale, values_dtype)
 
 
 def _qmatmul_bwd(static: _Static, residuals, dy):
@@ -262,9 +272,10 @@ def _qmatmul_bwd(static: _Static, residuals, dy):
         q_dy, q_dyt, amax_dy = _quantize_twins(dy, dgrad.lhs, k_dy, pad, scale=scale(dgrad.lhs))
     else:
         dy_d = dy if dgrad.hadamard_block is None else _rht_pair(dgrad, k_sd, dy, dy)[0]
-        q_dy, amax_d = _scaled_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad, scale(dgrad.lhs))
+        q_dy, amax_d = _scaled_operand(dy_d, dgrad.lhs, k_dy, _tn_axis(dgrad.lhs), pad, scale(dgrad.lhs),
+                                       _values_dtype(static))
         q_dyt, amax_w = _fresh_operand(wgrad, "wgrad", "rhs", jnp.swapaxes(dy, 1, 2), key, pad,
-                                       scale(wgrad.rhs))
+                                       scale(wgrad.rhs), _values_dtype(static))
         amax_dy = _first(amax_d, amax_w)
     dx = _gemm(static, q_dy, w_dgrad, static.lhs_dtype)
     dw = _gemm(static, x_wgrad, q_dyt, static.rhs_dtype)

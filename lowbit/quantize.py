@@ -72,6 +72,33 @@ class QArray:
         return dequantize(self, dtype)
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class BlockValues:
+    """A QArray's block values, the operand of an emulated GEMM: x ≈ values · tensor_scale / prescale.
+
+    values = data · scale (per block) in a compute dtype: exact in bfloat16 wherever the value is a normal
+    number (<= 6 significant bits), as lowbit.backends.emulate.split_scales computes them from a QArray.
+    """
+
+    values: jax.Array
+    tensor_scale: jax.Array | None
+    fmt: Format
+    axis: tuple[int, ...]
+    prescale: float = 1.0
+
+    def tree_flatten(self):
+        return (self.values, self.tensor_scale), (self.fmt, self.axis, self.prescale)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+
 # ----------------------------------------------------------------------------- float32 bit helpers
 def _exponent(x: jax.Array) -> jax.Array:
     """Unbiased exponent field of float32 x (floor(log2|x|) for normal x; -127 for 0)."""

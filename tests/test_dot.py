@@ -114,15 +114,17 @@ def test_reference_check_fails_when_a_pass_quantizes_along_the_wrong_axis(monkey
     """The reference test above is sharp: flip one operand's block axis and it must fail."""
     recipe = _nearest(get_recipe("mxfp8"))
     x, w, g = _scaled_inputs(1)
-    real_quantize = dot_module.quantize
-
-    def wrong_axis(a, fmt, axis=-1, **kw):
-        if a.shape == (1, M, N) and axis == 2:  # dY of dgrad: blocks along tokens instead of N
-            axis = 1
-        return real_quantize(a, fmt, axis=axis, **kw)
+    def wrong_axis(real):
+        def patched(a, fmt, axis=-1, **kw):
+            if a.shape == (1, M, N) and axis == 2:  # dY of dgrad: blocks along tokens instead of N
+                axis = 1
+            return real(a, fmt, axis=axis, **kw)
+        return patched
 
     _check_against_reference(recipe, x, w, g)
-    monkeypatch.setattr(dot_module, "quantize", wrong_axis)
+    # operands used at once go through quantize_values (emulate backend), the residuals through quantize
+    for name in ("quantize", "quantize_values"):
+        monkeypatch.setattr(dot_module, name, wrong_axis(getattr(dot_module, name)))
     with pytest.raises(AssertionError, match="dgrad"):  # a new name: traced afresh, with the patch
         _check_against_reference(recipe.replace(name="mxfp8-rne-wrong-axis"), x, w, g)
 

@@ -358,3 +358,35 @@ def test_switch_default_env_and_errors(monkeypatch):
         set_quantize_impl("pallas")
     with pytest.raises(ValueError, match="fused kernel does not take"):
         dispatch.quantize_fused_nd(jnp.ones((4, 48)), "mxfp8")
+
+
+def test_emulated_gemms_take_block_values_from_the_kernel(monkeypatch):
+    """On the emulate backend the operands used at once (fprop X and Wᵀ, dgrad dY, wgrad dYᵀ) come from the
+    kernel as BlockValues, the residuals (wgrad X, dgrad W) as QArrays; $LOWBIT_QUANTIZE_VALUES=0 makes all six
+    QArrays; the bits of y, dx and dw are the same either way and equal to the XLA path's."""
+    from lowbit import backends
+
+    seen = []
+    real = backends._GEMMS["emulate"]
+
+    def spy(lhs, rhs, **kw):
+        seen.append(tuple(type(op).__name__ for op in (lhs, rhs)))
+        return real(lhs, rhs, **kw)
+
+    monkeypatch.setitem(backends._GEMMS, "emulate", spy)
+    lhs, rhs, g = _inputs((64, 64), (64, 32), (64, 32))
+    want = _fwd_bwd("xla", "mxfp8", lhs, rhs, g)
+    assert seen == [("QArray", "QArray")] * 3
+    seen.clear()
+    got = _fwd_bwd("fused", "mxfp8", lhs, rhs, g)
+    # fprop (X, Wᵀ), then the backward's dgrad (dY, W residual) and wgrad (X residual, dYᵀ)
+    assert seen == [("BlockValues", "BlockValues"), ("BlockValues", "QArray"), ("QArray", "BlockValues")]
+    _assert_same_bits(got, want)
+    seen.clear()
+    monkeypatch.setenv(dispatch.VALUES_ENV_VAR, "0")
+    codes = _fwd_bwd("fused", "mxfp8", lhs, rhs, g)
+    assert seen == [("QArray", "QArray")] * 3
+    _assert_same_bits(codes, want)
+    monkeypatch.setenv(dispatch.VALUES_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=r"LOWBIT_QUANTIZE_VALUES='yes': set it to 1 .* or 0"):
+        _fwd_bwd("fused", "mxfp8", lhs, rhs, g)

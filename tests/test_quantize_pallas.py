@@ -36,6 +36,7 @@ if _WHY_NOT is not None:
     pytest.skip(_WHY_NOT, allow_module_level=True)
 
 from lowbit.kernels import fused_available, quantize_fused  # noqa: E402
+from lowbit.quantize import BlockValues  # noqa: E402
 
 
 def _bits(a) -> np.ndarray:
@@ -365,3 +366,51 @@ def test_encode_convert_is_for_fp8_nearest_only():
         quantize_fused(x, "mxfp8", encode="threshold", interpret=True)
     with pytest.raises(ValueError, match="unknown encode"):
         quantize_fused(x, "mxfp8", encode="fast", interpret=True)
+
+
+# (format, fused kwargs = lowbit.quantize kwargs, input dtype) for the block-values output
+VALUES_CASES = [
+    ("mxfp8", {}, np.float32),
+    ("mxfp8", {"scale_mode": "rceil", "prescale": 0.75}, jnp.bfloat16),
+    ("mxfp8_e5m2", {}, jnp.bfloat16),
+    ("mxfp4", {}, np.float32),
+    ("mxfp4", {"scale_mode": "rceil"}, jnp.bfloat16),
+    ("nvfp4", {}, np.float32),
+    ("nvfp4", {"axis": (0, 1)}, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("name", "kw", "dtype"), VALUES_CASES, ids=_case_id)
+@pytest.mark.parametrize("values_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_block_values_are_the_emulated_gemms_operand(name, kw, dtype, values_dtype):
+    """values_dtype: the kernel writes data · block scale, bit for bit what the emulate backend computes from
+    lowbit.quantize's QArray (split_scales: zeros, signed zeros, subnormal elements, NaN blocks included),
+    with the same tensor scale and prescale left for the accumulator."""
+    from lowbit.backends.emulate import split_scales
+
+    with np.errstate(over="ignore"):
+        x = jnp.asarray(_edge_input(np.float32).astype(dtype))
+    got = quantize_fused(x, name, interpret=True, values_dtype=values_dtype, **kw)
+    q = lowbit.quantize(x, name, **kw)
+    want, want_outer = split_scales(q, values_dtype)
+    assert isinstance(got, BlockValues)
+    assert got.values.dtype == want.dtype and got.values.shape == x.shape
+    assert got.axis == q.axis and got.prescale == q.prescale and got.fmt == q.fmt
+    assert np.isnan(np.asarray(want, np.float32)).any()  # the NaN/Inf rows poisoned some blocks
+    np.testing.assert_array_equal(_bits(got.values), _bits(want))
+    _, got_outer = split_scales(got, values_dtype)
+    np.testing.assert_array_equal(np.float32(got_outer), np.float32(want_outer))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8"])
+def test_block_values_with_stochastic_rounding(name):
+    """SR's hashed u is the same whether the kernel writes codes or values."""
+    from lowbit.backends.emulate import split_scales
+
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((64, 128)).astype(np.float32))
+    key = jax.random.key(5)
+    got = quantize_fused(x, name, rounding="stochastic", key=key, interpret=True, values_dtype=jnp.bfloat16)
+    want, _ = split_scales(lowbit.quantize(x, name, rounding="stochastic", key=key), jnp.bfloat16)
+    np.testing.assert_array_equal(_bits(got.values), _bits(want))
+    rne, _ = split_scales(lowbit.quantize(x, name), jnp.bfloat16)
+    assert np.mean(_bits(got.values) != _bits(rne)) > 0.05  # SR really rounded differently from RNE

@@ -51,6 +51,11 @@ def _bits(a: jax.Array) -> jax.Array:
 
 
 def _mismatches(q_fused: lowbit.QArray, q_ref: lowbit.QArray) -> dict[str, int]:
+    if isinstance(q_fused, jax.Array) and isinstance(q_ref, jax.Array):  # block values: NaN == NaN
+        if q_fused.shape != q_ref.shape or q_fused.dtype != q_ref.dtype:
+            return {"values": -1}
+        both_nan = jnp.isnan(q_fused) & jnp.isnan(q_ref)
+        return {"values": int(jnp.sum((_bits(q_fused) != _bits(q_ref)) & ~both_nan))}
     out = {}
     for part in ("data", "scale", "tensor_scale"):
         a, b = getattr(q_fused, part), getattr(q_ref, part)
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-size / option sweep")
     p.add_argument("--stores-only", action="store_true",
                    help="only the copies and int32-word vs byte stores (twice, interleaved) with a word tile sweep")
+    p.add_argument("--values-only", action="store_true",
+                   help="only the copies and the emulated GEMM's bf16 operand: XLA quantize + dequantize, kernel "
+                        "codes + XLA dequantize, kernel block values (values_dtype)")
     p.add_argument("--word-tiles", default="8x512w4,32x512w8,16x1024w8,32x1024w8,64x512w8,16x256w4",
                    help="--stores-only's tile sweep: comma list of <block_rows>x<block_cols>w<num_warps>")
     p.add_argument("--store-rounds", type=int, default=2, help="--stores-only: interleaved rounds of both stores")
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     b.run("pallas copy (Triton smoke test)", _pallas_copy)
     if args.stores_only:
         _stores(b)
+        return _report(b, args)
+    if args.values_only:
+        _values(b)
         return _report(b, args)
 
     for label, fmt, kw in FORMATS:
@@ -298,6 +309,26 @@ def _stores(b: Bench) -> None:
                 b.run(f"{label} fused store=words tile {rows}x{cols} w{warps}{given}", tiled, fmt=label,
                       impl="fused" if amax is None else "fused-kernel-only", tile=[rows, cols, warps],
                       store="words")
+
+
+def _values(b: Bench) -> None:
+    """The emulate backend's bf16 operand (data · block scale) three ways, bits checked against the XLA one."""
+    from lowbit.backends.emulate import split_scales
+
+    for label, fmt, kw in FORMATS:
+        def xla(x, fmt=fmt, kw=kw):
+            return split_scales(lowbit.quantize(x, fmt, **kw), jnp.bfloat16)[0]
+
+        def codes(x, fmt=fmt, kw=kw):
+            return split_scales(quantize_fused(x, fmt, **kw), jnp.bfloat16)[0]
+
+        def values(x, fmt=fmt, kw=kw):
+            return quantize_fused(x, fmt, values_dtype=jnp.bfloat16, **kw).values
+
+        b.run(f"{label} bf16 operand: xla quantize + dequantize", xla, fmt=label, impl="xla-values")
+        b.run(f"{label} bf16 operand: kernel codes + xla dequantize", codes, ref=xla, fmt=label,
+              impl="fused-codes-values")
+        b.run(f"{label} bf16 operand: kernel values", values, ref=xla, fmt=label, impl="fused-values")
 
 
 def _report(b: Bench, args: argparse.Namespace) -> int:

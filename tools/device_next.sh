@@ -19,6 +19,8 @@
 #   tools/device_next.sh words3    the standard quantize table with the new FP4 defaults
 #   tools/device_next.sh casttiles3 taller tiles for the FP8 scaled cast+transpose (moe-2.8b operands)
 #   tools/device_next.sh mxfinal   the FP4 linear layers and the moe-1.8b nvfp4/mxfp4 steps with the new defaults
+#   tools/device_next.sh values    the emulated GEMM's operands as block values from the kernel: kernel rows, then the
+#                                  MX layers with LOWBIT_QUANTIZE_VALUES=0 / 1 / 1 without XLA's Triton GEMMs
 #   tools/device_next.sh mxsteps   bench step small mxfp4/nvfp4, once per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
@@ -69,6 +71,15 @@ case "$1" in
   casttiles3)  # twelfth session: taller tiles for the scaled cast+transpose (its transposed rows are bm bytes long)
     run timeout 200 python3 tools/bench_fp8_cast.py --scaled-only --json "$out/bench_fp8_cast_tiles_s12.json" \
       --scaled-tiles 128x64w8p,256x64w8p,256x64w4p,256x32w8p,256x32w4p,128x32w4p,256x128w8p,512x32w8p,128x64w8p
+    ;;
+  values)  # twelfth session: the emulated GEMM's bf16 operands written by the quantize kernel (no codes)
+    run timeout 110 python3 tools/bench_quantize_kernels.py --values-only --budget-s 95
+    for v in 0 1; do
+      LOWBIT_QUANTIZE_VALUES=$v run timeout 110 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 \
+        --refs none --cache-dir /tmp/xla_cache --time-budget-s 100 --json "$out/gemm_mx_values$v.json"
+    done
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false LOWBIT_QUANTIZE_VALUES=1 run timeout 110 python3 -m lowbit.bench \
+      gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 --refs none --time-budget-s 100 --json "$out/gemm_mx_values1_cublas.json"
     ;;
   mxfinal)  # twelfth session: FP4 layers and the moe-1.8b MX steps with the new FP4 kernel defaults
     run timeout 100 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp4,nvfp4 --refs none \

@@ -14,16 +14,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit.quantize import QArray
+from lowbit.quantize import BlockValues, QArray
 
 # Canonical "TN" GEMM: lhs [B, M, K] x rhs [B, N, K] -> [B, M, N], contracting the last axes.
 TN_DIMS = (((2,), (2,)), ((0,), (0,)))
 
-Operand = QArray | jax.Array
+Operand = QArray | BlockValues | jax.Array
 
 
 def split_scales(op: Operand, compute_dtype: Any) -> tuple[jax.Array, jax.Array | float]:
-    """(values, outer): values = data · block scale in compute_dtype, outer = tensor_scale / prescale."""
+    """(values, outer): values = data · block scale in compute_dtype, outer = tensor_scale / prescale.
+    BlockValues (the quantize kernel's values output) already hold the values."""
+    if isinstance(op, BlockValues):
+        outer = 1.0 / op.prescale
+        return op.values.astype(compute_dtype), outer if op.tensor_scale is None else op.tensor_scale * outer
     if not isinstance(op, QArray):
         return op, 1.0
     inner = dataclasses.replace(

@@ -45,11 +45,13 @@ import jax.numpy as jnp
 
 from lowbit.formats import Format, get_format
 from lowbit.kernels.quantize_pallas import _triton_available, fused_available, normalized_axes, quantize_fused
-from lowbit.quantize import QArray
+from lowbit.quantize import BlockValues, QArray
 from lowbit.quantize import quantize as quantize_xla
 
 QUANTIZE_IMPLS = ("auto", "xla", "fused")
 ENV_VAR = "LOWBIT_QUANTIZE_IMPL"
+# "0": quantize_values returns QArrays even where the kernel could emit block values (for benchmarks)
+VALUES_ENV_VAR = "LOWBIT_QUANTIZE_VALUES"
 
 _impl: str | None = None  # set_quantize_impl's choice; None: the environment variable's (or "auto")
 
@@ -160,9 +162,11 @@ def quantize_fused_nd(
     scale_mode: str = "floor",
     *,
     prescale: float = 1.0,
-) -> QArray:
+    values_dtype: object = None,
+) -> QArray | BlockValues:
     """lowbit.quantize(x, ...) by the fused kernel for any rank: x [..., rows, K] runs as the matrix
     [prod(...) * rows, K]; data and scales are reshaped back and `axis` set as lowbit.quantize sets it.
+    With values_dtype: BlockValues of x's shape instead (see quantize_values).
 
     NVFP4's tensor scale is the amax of all of x, as lowbit.quantize takes it. Stochastic rounding
     hashes the element's flat index in the matrix, which is its flat index in x: the same u.
@@ -177,7 +181,10 @@ def quantize_fused_nd(
             "to lowbit.quantize"
         )
     q = quantize_fused(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), fmt, scale_mode=scale_mode,
-                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale)
+                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale, values_dtype=values_dtype)
+    if isinstance(q, BlockValues):
+        return BlockValues(q.values.reshape(x.shape), q.tensor_scale, fmt, normalized_axes(axis, x.ndim),
+                           q.prescale)
     block = fmt.block_size
     if kernel_axes == (0, 1):
         scale_shape = (*x.shape[:-2], x.shape[-2] // block, x.shape[-1] // block)
@@ -204,6 +211,34 @@ def quantize(
         return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale)
     return quantize_xla(x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode, pad=pad,
                         prescale=prescale)
+
+
+def _values_enabled() -> bool:
+    value = os.environ.get(VALUES_ENV_VAR, "1").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"${VALUES_ENV_VAR}={value!r}: set it to 1 (block values, the default) or 0 (codes)")
+    return value != "0"
+
+
+def quantize_values(
+    x: jax.Array,
+    fmt: Format | str,
+    axis: int | Sequence[int] = -1,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    scale_mode: str = "floor",
+    *,
+    pad: bool = False,
+    prescale: float = 1.0,
+    dtype: object = jnp.bfloat16,
+) -> QArray | BlockValues:
+    """An emulated GEMM's operand: where the fused kernel takes the call (use_fused), BlockValues (data ·
+    block scale in `dtype`) from one pass that reads x once and writes only the values, with no codes or
+    scales stored and read back; elsewhere, or with $LOWBIT_QUANTIZE_VALUES=0, quantize's QArray.
+    lowbit.backends.emulate.split_scales gives the same values and outer scale from either."""
+    if _values_enabled() and use_fused(x, fmt, axis, rounding, key, scale_mode):
+        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale, values_dtype=dtype)
+    return quantize(x, fmt, axis, rounding, key, scale_mode, pad=pad, prescale=prescale)
 
 
 _FP8_CAST_MIN_TILE = 16  # below this, tiles are too thin for the kernel to beat XLA's cast
@@ -272,6 +307,6 @@ def quantize_scaled_with_transpose(
     return q, q_t, amax
 
 
-__all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "get_quantize_impl", "quantize", "quantize_fused_nd", "quantize_impl",
-           "quantize_scaled_with_transpose", "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast",
-           "use_fused"]
+__all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "VALUES_ENV_VAR", "get_quantize_impl", "quantize", "quantize_fused_nd",
+           "quantize_impl", "quantize_scaled_with_transpose", "quantize_values", "quantize_with_transpose",
+           "set_quantize_impl", "use_fp8_cast", "use_fused"]

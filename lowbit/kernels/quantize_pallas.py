@@ -29,6 +29,7 @@ from lowbit.formats import Format, get_format
 from lowbit.quantize import (
     ROUNDINGS,
     SCALE_MODES,
+    BlockValues,
     QArray,
     _div_rn,
     _normalize_axes,
@@ -94,6 +95,7 @@ class _Plan:
     packed: bool  # FP4 written two codes per byte
     words: bool  # stored as int32 words of 32 // code_bits codes
     prescale: float
+    values_dtype: str | None = None  # emit data · block scale in this dtype instead of codes and scales
 
     @property
     def code_bits(self) -> int:
@@ -222,6 +224,30 @@ def _encode_e2m1_threshold(y: jax.Array) -> jax.Array:
     return code | sign
 
 
+def _decode(code: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
+    """float32 value of an int32 element code (sign in bit elem_bits-1, exponent field e, mantissa m):
+    (1 + m/2^mbits)·2^(e - 1 + emin) for e > 0, m·2^(emin - mbits) for e = 0 (subnormals)."""
+    magnitude = code & ((1 << (elem_bits - 1)) - 1)
+    e, m = magnitude >> mbits, magnitude & ((1 << mbits) - 1)
+    normal = lax.bitcast_convert_type(((e + (emin - 1 + 127)) << 23) | (m << (23 - mbits)), jnp.float32)
+    value = jnp.where(e > 0, normal, m.astype(jnp.float32) * jnp.float32(2.0 ** (emin - mbits)))
+    sign = ((code >> (elem_bits - 1)) & 1) << 31
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(value, jnp.int32) | sign, jnp.float32)
+
+
+def _block_values(codes: jax.Array, scale_code: jax.Array, poisoned: jax.Array, plan: _Plan) -> jax.Array:
+    """data · scale per block, as lowbit.dequantize computes it with tensor scale 1 and no prescale: MX
+    x·2^(s//2)·2^(s - s//2) (lowbit.quantize._mul_pow2), NVFP4 x·(E4M3 scale); NaN for poisoned blocks."""
+    values = _decode(codes, plan.emin, plan.mbits, plan.elem_bits)
+    if plan.kind == "mx":
+        s = scale_code - 127
+        half = s >> 1  # floor(s / 2), as lowbit.quantize._mul_pow2's s // 2
+        values = values * _pow2(half) * _pow2(s - half)
+    else:
+        values = values * _decode(scale_code, -6, 3, 8)  # E4M3: emin -6, 3 mantissa bits
+    return jnp.where(poisoned, jnp.float32(jnp.nan), values)
+
+
 def _encode_stochastic(y: jax.Array, u: jax.Array, emin: int, mbits: int, elem_bits: int) -> jax.Array:
     """Element code of floor(t) + [u < t - floor(t)], t = y / ulp (lowbit.quantize.round_to_grid's rule)."""
     y_bits = lax.bitcast_convert_type(y, jnp.int32)
@@ -289,7 +315,7 @@ def _kernel(*refs, plan: _Plan, n: int):
     params_ref = refs.pop(0) if plan.kind == "nvfp4" else None
     seeds_ref = refs.pop(0) if plan.rounding == "stochastic" else None
     x_ref = refs.pop(0)
-    data_ref, scale_ref = refs
+    data_ref, scale_ref = (refs[0], None) if plan.values_dtype is not None else refs
 
     x_bits = lax.bitcast_convert_type(x_ref[...].astype(jnp.float32), jnp.int32)
     x_abs = x_bits & _ABS
@@ -321,6 +347,9 @@ def _kernel(*refs, plan: _Plan, n: int):
         u = uniform_from_bits(sr_hash(index, (seeds_ref[0], seeds_ref[1])))
         codes = _encode_stochastic(y, u, plan.emin, plan.mbits, plan.elem_bits)
     codes = jnp.where(poisoned, 0, codes)  # the NaN scale carries the poison
+    if plan.values_dtype is not None:  # the emulated GEMM's operand: block values, no codes or scales
+        data_ref[...] = _block_values(codes, scale_code, poisoned, plan).astype(plan.values_dtype)
+        return
     if plan.pack > 1:  # element i of P in bits [i·b, (i+1)·b): even FP4 in the low nibble (lowbit.pack_fp4)
         shift = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) * plan.code_bits
         codes = jnp.sum(codes << shift, axis=-1)  # disjoint bits: the (wrapping) sum is an OR
@@ -444,7 +473,8 @@ def quantize_fused(
     block_rows: int | None = None,
     block_cols: int | None = None,
     num_warps: int | None = None,
-) -> QArray:
+    values_dtype: Any = None,
+) -> QArray | BlockValues:
     """lowbit.quantize(x, fmt, axis, rounding, key, scale_mode, prescale=...) as one fused kernel.
 
     Same bits as lowbit.quantize for both roundings: SR hashes each element's flat index in x with
@@ -455,6 +485,8 @@ def quantize_fused(
     bits, held to ml_dtypes on every midpoint. `scale_encode`: NVFP4's E4M3 block scale, likewise.
     `store`: codes stored as int32 words or one byte at a time (same bits; auto: words for FP4, bytes for FP8).
     block_rows, block_cols, num_warps: the kernel's tile of x and its warps (None: DEFAULT_TILES).
+    values_dtype (e.g. jnp.bfloat16): return BlockValues, data · block scale in that dtype, instead of codes
+    and scales: the emulated GEMM's operand in one pass (x read once, values written once).
     interpret=None runs the compiled kernel on GPU and Pallas interpret mode elsewhere.
     """
     fmt = get_format(fmt)
@@ -486,8 +518,9 @@ def quantize_fused(
         rounding=rounding, div=("int" if interpret else "ptx") if div == "auto" else div,
         encode=_resolve_encode(encode, fmt, rounding, bool(interpret)),
         scale_encode=_resolve_scale_encode(scale_encode, fmt, bool(interpret)),
-        packed=fmt.elem_bits == 4 and fp4_layout == "packed",
-        words=_resolve_store(store, fmt) == "words", prescale=float(prescale),
+        packed=fmt.elem_bits == 4 and fp4_layout == "packed" and values_dtype is None,
+        words=_resolve_store(store, fmt) == "words" and values_dtype is None, prescale=float(prescale),
+        values_dtype=None if values_dtype is None else jnp.dtype(values_dtype).name,
     )
     if rounding == "nearest":
         key = None
@@ -593,12 +626,15 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
                  jax.ShapeDtypeStruct(scale_view, jnp.uint8))
     out_specs = (pl.BlockSpec(data_tile, functools.partial(tile_index, rank=len(data_view))),
                  pl.BlockSpec(scale_tile, functools.partial(tile_index, rank=len(view))))
+    if plan.values_dtype is not None:
+        out_shape, out_specs = ((jax.ShapeDtypeStruct(view, jnp.dtype(plan.values_dtype)),),
+                                (pl.BlockSpec(tile, functools.partial(tile_index, rank=len(view))),))
     compiler_params = None
     if not interpret and _triton_available():
         from jax.experimental.pallas import triton as pltriton
 
         compiler_params = pltriton.CompilerParams(num_warps=num_warps)
-    codes, scale_codes = pl.pallas_call(
+    outs = pl.pallas_call(
         functools.partial(_kernel, plan=plan, n=n),
         out_shape=out_shape,
         grid=grid,
@@ -606,8 +642,11 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
         out_specs=out_specs,
         interpret=interpret,
         compiler_params=compiler_params,
-        name=f"lowbit_quantize_{fmt.name}",
+        name=f"lowbit_quantize_{fmt.name}" + ("_values" if plan.values_dtype else ""),
     )(*inputs)
+    if plan.values_dtype is not None:
+        return BlockValues(outs[0].reshape(m, n), tensor_scale, fmt, axes, plan.prescale)
+    codes, scale_codes = outs
 
     if plan.words:  # int32 words -> their little-endian bytes, in order
         codes = lax.bitcast_convert_type(codes, jnp.uint8)
