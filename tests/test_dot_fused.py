@@ -362,8 +362,8 @@ def test_switch_default_env_and_errors(monkeypatch):
 
 def test_emulated_gemms_take_block_values_from_the_kernel(monkeypatch):
     """On the emulate backend the operands used at once (fprop X and Wᵀ, dgrad dY, wgrad dYᵀ) come from the
-    kernel as BlockValues, the residuals (wgrad X, dgrad W) as QArrays; $LOWBIT_QUANTIZE_VALUES=0 makes all six
-    QArrays; the bits of y, dx and dw are the same either way and equal to the XLA path's."""
+    kernel as BlockValues, the residuals (wgrad X, dgrad W) as QArrays; $LOWBIT_QUANTIZE_VALUES=0 makes all
+    six QArrays; the bits of y, dx and dw are the same either way and equal to the XLA path's."""
     from lowbit import backends
 
     seen = []

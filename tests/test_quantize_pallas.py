@@ -258,7 +258,8 @@ def test_available_and_argument_errors():
         quantize_fused(x, "mxfp8", rounding="up", interpret=True)
     with pytest.raises(ValueError, match="div"):
         quantize_fused(x, "nvfp4", div="fast")
-    with pytest.raises(ValueError, match=r"unknown store 'int64'; choose one of \('auto', 'words', 'bytes'\)"):
+    with pytest.raises(ValueError,
+                       match=r"unknown store 'int64'; choose one of \('auto', 'words', 'bytes'\)"):
         quantize_fused(x, "mxfp4", store="int64")
 
 

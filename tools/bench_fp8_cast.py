@@ -48,7 +48,8 @@ def loop_ms(fn, x, n: int, repeats: int) -> float:
 
 
 def parse_tiles(spec: str) -> list[tuple[tuple[int, int], int, bool]]:
-    """'128x64w8p,256x64w4' -> [((128, 64), 8, True), ((256, 64), 4, False)]: rows x cols, warps, p = packed."""
+    """'128x64w8p,256x64w4' -> [((128, 64), 8, True), ((256, 64), 4, False)]: rows x cols, warps,
+    p = packed."""
     tiles = []
     for item in filter(None, spec.split(",")):
         pack = item.endswith("p")
@@ -99,7 +100,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="")
     p.add_argument("--scaled-only", action="store_true", help="only the scaled (delayed) cast+transpose rows")
-    p.add_argument("--scaled-tiles", default="", help="their tiles, e.g. 128x64w8p,256x64w4p (p: packed words)")
+    p.add_argument("--scaled-tiles", default="",
+                   help="their tiles, e.g. 128x64w8p,256x64w4p (p: packed words)")
     args = p.parse_args()
     interpret = jax.default_backend() != "gpu"
     rows = []

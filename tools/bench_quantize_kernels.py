@@ -191,15 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=230.0, help="skip variants after this many seconds")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-size / option sweep")
     p.add_argument("--stores-only", action="store_true",
-                   help="only the copies and int32-word vs byte stores (twice, interleaved) with a word tile sweep")
+                   help="only the copies and int32-word vs byte stores (twice, interleaved), then a word "
+                        "tile sweep")
     p.add_argument("--values-only", action="store_true",
-                   help="only the copies and the emulated GEMM's bf16 operand: XLA quantize + dequantize, kernel "
-                        "codes + XLA dequantize, kernel block values (values_dtype)")
+                   help="only the copies and the emulated GEMM's bf16 operand: XLA quantize + dequantize, "
+                        "kernel codes + XLA dequantize, kernel block values (values_dtype)")
     p.add_argument("--word-tiles", default="8x512w4,32x512w8,16x1024w8,32x1024w8,64x512w8,16x256w4",
                    help="--stores-only's tile sweep: comma list of <block_rows>x<block_cols>w<num_warps>")
-    p.add_argument("--store-rounds", type=int, default=2, help="--stores-only: interleaved rounds of both stores")
+    p.add_argument("--store-rounds", type=int, default=2,
+                   help="--stores-only: interleaved rounds of both stores")
     p.add_argument("--sweep-formats", default="mxfp8,mxfp4,nvfp4",
-                   help="--stores-only: labels of FORMATS in the word tile sweep (nvfp4 also with its amax given)")
+                   help="--stores-only: labels of FORMATS in the word tile sweep (nvfp4 also with its amax "
+                        "given)")
     args = p.parse_args(argv)
 
     print(f"jax {jax.__version__} backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
@@ -279,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stores(b: Bench) -> None:
-    """Each format with its codes stored as int32 words and one byte at a time, side by side in two interleaved
-    rounds (their spread is the run's noise), then the word store's tiles."""
+    """Each format with its codes stored as int32 words and one byte at a time, side by side in two
+    interleaved rounds (their spread is the run's noise), then the word store's tiles."""
     for round_ in range(1, b.args.store_rounds + 1):
         for label, fmt, kw in FORMATS:
             for store in ("bytes", "words"):
@@ -294,7 +297,8 @@ def _stores(b: Bench) -> None:
                 if fmt == "nvfp4":
                     def given(x, kw=kw, store=store):
                         return quantize_fused(x, "nvfp4", tensor_amax=jnp.float32(4.0), store=store, **kw)
-                    b.run(f"{label} fused store={store}, tensor_amax given (round {round_})", given, fmt=label,
+                    b.run(f"{label} fused store={store}, tensor_amax given (round {round_})", given,
+                          fmt=label,
                           impl="fused-kernel-only", store=store)
     tiles = [tuple(int(v) for v in t.replace("w", "x").split("x")) for t in b.args.word_tiles.split(",") if t]
     labels = b.args.sweep_formats.split(",")
@@ -312,7 +316,7 @@ def _stores(b: Bench) -> None:
 
 
 def _values(b: Bench) -> None:
-    """The emulate backend's bf16 operand (data · block scale) three ways, bits checked against the XLA one."""
+    """The emulate backend's bf16 operand (data · block scale) three ways, bits checked against XLA's."""
     from lowbit.backends.emulate import split_scales
 
     for label, fmt, kw in FORMATS:

@@ -181,7 +181,8 @@ def quantize_fused_nd(
             "to lowbit.quantize"
         )
     q = quantize_fused(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), fmt, scale_mode=scale_mode,
-                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale, values_dtype=values_dtype)
+                       rounding=rounding, key=key, axis=kernel_axes, prescale=prescale,
+                       values_dtype=values_dtype)
     if isinstance(q, BlockValues):
         return BlockValues(q.values.reshape(x.shape), q.tensor_scale, fmt, normalized_axes(axis, x.ndim),
                            q.prescale)
@@ -237,7 +238,8 @@ def quantize_values(
     scales stored and read back; elsewhere, or with $LOWBIT_QUANTIZE_VALUES=0, quantize's QArray.
     lowbit.backends.emulate.split_scales gives the same values and outer scale from either."""
     if _values_enabled() and use_fused(x, fmt, axis, rounding, key, scale_mode):
-        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale, values_dtype=dtype)
+        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale,
+                                 values_dtype=dtype)
     return quantize(x, fmt, axis, rounding, key, scale_mode, pad=pad, prescale=prescale)
 
 
@@ -307,6 +309,6 @@ def quantize_scaled_with_transpose(
     return q, q_t, amax
 
 
-__all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "VALUES_ENV_VAR", "get_quantize_impl", "quantize", "quantize_fused_nd",
-           "quantize_impl", "quantize_scaled_with_transpose", "quantize_values", "quantize_with_transpose",
-           "set_quantize_impl", "use_fp8_cast", "use_fused"]
+__all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "VALUES_ENV_VAR", "get_quantize_impl", "quantize",
+           "quantize_fused_nd", "quantize_impl", "quantize_scaled_with_transpose", "quantize_values",
+           "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused"]

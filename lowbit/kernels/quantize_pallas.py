@@ -53,12 +53,13 @@ FP4_LAYOUTS = ("packed", "codes")  # kernel writes two E2M1 codes per byte | one
 # How the kernel stores codes: int32 words of 32 bits of consecutive codes (8 packed FP4 or 4 FP8), so that
 # each thread's stores are 4 bytes wide | one byte per store (the FP8 cast kernel's transposed copy gained
 # 1.22-1.30x from words, docs/benchmarks.md, tenth session). Same bits either way (little-endian words).
-# auto (unless $LOWBIT_QUANTIZE_STORE says "words" or "bytes"): words for FP4, 1.45-1.51x faster than bytes on
-# an H200; bytes for FP8, where words were within run-to-run noise (0.57-1.09x; docs/benchmarks.md, twelfth session)
+# auto (unless $LOWBIT_QUANTIZE_STORE says "words" or "bytes"): words for FP4, 1.45-1.51x faster than bytes
+# on an H200; bytes for FP8, where words were within run-to-run noise (0.57-1.09x; docs/benchmarks.md, twelfth
+# session)
 STORES = ("auto", "words", "bytes")
 STORE_ENV_VAR = "LOWBIT_QUANTIZE_STORE"
-# (block_rows, block_cols, num_warps) by element bits when not given: FP4 from the H200's word-store sweep (8x512
-# with 4 warps: 1.09-1.17x the 16x512 / 8 warps of FP8 on NVFP4, equal on MXFP4)
+# (block_rows, block_cols, num_warps) by element bits when not given: FP4 from the H200's word-store sweep
+# (8x512 with 4 warps: 1.09-1.17x the 16x512 / 8 warps of FP8 on NVFP4, equal on MXFP4)
 DEFAULT_TILES = {8: (16, 512, 8), 4: (8, 512, 4)}
 _FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _SUPPORTED_KINDS = ("mx", "nvfp4")
@@ -483,7 +484,8 @@ def quantize_fused(
     `encode`: RNE by integer ops on the float32 bits, by one float add of a power of two ("magic"), or
     (auto, round-to-nearest) the float32 -> FP8 convert for MXFP8 and midpoint compares for E2M1; same
     bits, held to ml_dtypes on every midpoint. `scale_encode`: NVFP4's E4M3 block scale, likewise.
-    `store`: codes stored as int32 words or one byte at a time (same bits; auto: words for FP4, bytes for FP8).
+    `store`: codes stored as int32 words or one byte at a time (same bits; auto: words for FP4, bytes for
+    FP8).
     block_rows, block_cols, num_warps: the kernel's tile of x and its warps (None: DEFAULT_TILES).
     values_dtype (e.g. jnp.bfloat16): return BlockValues, data · block scale in that dtype, instead of codes
     and scales: the emulated GEMM's operand in one pass (x read once, values written once).
@@ -560,7 +562,8 @@ def _resolve_store(store: str, fmt: Format) -> str:
         return store
     env = os.environ.get(STORE_ENV_VAR, "").strip().lower()
     if env and env not in STORES[1:]:
-        raise ValueError(f"${STORE_ENV_VAR}={env!r} is not a store; set it to one of {STORES[1:]} or unset it")
+        raise ValueError(f"${STORE_ENV_VAR}={env!r} is not a store; set it to one of {STORES[1:]} or unset "
+                         "it")
     return env or ("words" if fmt.elem_bits == 4 else "bytes")
 
 
