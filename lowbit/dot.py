@@ -37,6 +37,7 @@ from lowbit.formats import get_format
 from lowbit.kernels.dispatch import (
     quantize,
     quantize_scaled_with_transpose,
+    block_values,
     quantize_values,
     quantize_with_transpose,
     use_fp8_cast,
@@ -262,6 +263,8 @@ def _qmatmul_bwd(static: _Static, residuals, dy):
     x_wgrad, w_dgrad, key, amaxes = residuals
     r = static.recipe
     pad = static.backend != "native"
+    if static.backend == "emulate":  # stored quantized; the backward GEMMs take their bf16 block values
+        x_wgrad, w_dgrad = (block_values(op, _values_dtype(static)) for op in (x_wgrad, w_dgrad))
     dgrad, wgrad = r.dgrad, r.wgrad
     history = None if amaxes is None else amaxes[0]
     scale = lambda cfg: _delayed_scale(history, ROW_DY, cfg, r)

@@ -318,6 +318,7 @@ def _stores(b: Bench) -> None:
 def _values(b: Bench) -> None:
     """The emulate backend's bf16 operand (data · block scale) three ways, bits checked against XLA's."""
     from lowbit.backends.emulate import split_scales
+    from lowbit.kernels.dequantize_pallas import block_values_fused
 
     for label, fmt, kw in FORMATS:
         def xla(x, fmt=fmt, kw=kw):
@@ -333,6 +334,12 @@ def _values(b: Bench) -> None:
         b.run(f"{label} bf16 operand: kernel codes + xla dequantize", codes, ref=xla, fmt=label,
               impl="fused-codes-values")
         b.run(f"{label} bf16 operand: kernel values", values, ref=xla, fmt=label, impl="fused-values")
+
+        def codes_then_values(x, fmt=fmt, kw=kw):  # a stored residual: codes now, block values later
+            return block_values_fused(quantize_fused(x, fmt, **kw)).values
+
+        b.run(f"{label} bf16 operand: kernel codes + kernel block values", codes_then_values, ref=xla, fmt=label,
+              impl="fused-codes-fused-values")
 
 
 def _report(b: Bench, args: argparse.Namespace) -> int:

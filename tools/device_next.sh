@@ -21,6 +21,8 @@
 #   tools/device_next.sh mxfinal   the FP4 linear layers and the moe-1.8b nvfp4/mxfp4 steps with the new defaults
 #   tools/device_next.sh values    the emulated GEMM's operands as block values from the kernel: kernel rows, then the
 #                                  MX layers with LOWBIT_QUANTIZE_VALUES=0 / 1 / 1 without XLA's Triton GEMMs
+#   tools/device_next.sh values2   the same with the residuals' block values from the dequantize kernel, then the
+#                                  moe-1.8b nvfp4 and mxfp8 steps
 #   tools/device_next.sh mxsteps   bench step small mxfp4/nvfp4, once per store
 # The ninth session's modes:
 #   tools/device_next.sh delayed   delayed scaling: scaled-cast parity on the GPU, the fp8 linear layer and the
@@ -71,6 +73,15 @@ case "$1" in
   casttiles3)  # twelfth session: taller tiles for the scaled cast+transpose (its transposed rows are bm bytes long)
     run timeout 200 python3 tools/bench_fp8_cast.py --scaled-only --json "$out/bench_fp8_cast_tiles_s12.json" \
       --scaled-tiles 128x64w8p,256x64w8p,256x64w4p,256x32w8p,256x32w4p,128x32w4p,256x128w8p,512x32w8p,128x64w8p
+    ;;
+  values2)  # twelfth session: with the residuals' block values from the dequantize kernel too; then MX steps
+    run timeout 100 python3 tools/bench_quantize_kernels.py --values-only --budget-s 85
+    for v in 1 0; do
+      LOWBIT_QUANTIZE_VALUES=$v run timeout 110 python3 -m lowbit.bench gemm --shapes 1 --recipes mxfp8,mxfp4,nvfp4 \
+        --refs none --cache-dir /tmp/xla_cache --time-budget-s 100 --json "$out/gemm_mx_values2_$v.json"
+    done
+    run timeout 250 python3 -m lowbit.bench step --configs moe-1.8b --recipes nvfp4,mxfp8 \
+      --cache-dir /tmp/xla_cache --time-budget-s 235 --json "$out/step_moe18b_values_s12.json"
     ;;
   values)  # twelfth session: the emulated GEMM's bf16 operands written by the quantize kernel (no codes)
     run timeout 110 python3 tools/bench_quantize_kernels.py --values-only --budget-s 95

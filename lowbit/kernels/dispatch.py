@@ -50,7 +50,7 @@ from lowbit.quantize import quantize as quantize_xla
 
 QUANTIZE_IMPLS = ("auto", "xla", "fused")
 ENV_VAR = "LOWBIT_QUANTIZE_IMPL"
-# "0": quantize_values returns QArrays even where the kernel could emit block values (for benchmarks)
+# "0": quantize_values and block_values return QArrays even where a kernel could write block values (benchmarks)
 VALUES_ENV_VAR = "LOWBIT_QUANTIZE_VALUES"
 
 _impl: str | None = None  # set_quantize_impl's choice; None: the environment variable's (or "auto")
@@ -243,6 +243,21 @@ def quantize_values(
     return quantize(x, fmt, axis, rounding, key, scale_mode, pad=pad, prescale=prescale)
 
 
+def block_values(q: QArray | BlockValues | jax.Array, dtype: object = jnp.bfloat16
+                 ) -> QArray | BlockValues | jax.Array:
+    """An emulated GEMM's operand from a stored QArray (a residual): BlockValues from the dequantize kernel
+    (lowbit.kernels.dequantize_pallas) where the implementation in force runs kernels, as for quantize_values,
+    and the kernel takes q; anything else comes back unchanged (split_scales dequantizes a QArray the same)."""
+    from lowbit.kernels.dequantize_pallas import block_values_available, block_values_fused
+
+    if not isinstance(q, QArray) or not _values_enabled():
+        return q
+    allowed, require_gpu = _impl_allows_kernel()
+    if not allowed or (require_gpu and not (_on_gpu() and _triton_available())):
+        return q
+    return block_values_fused(q, dtype) if block_values_available(q) else q
+
+
 _FP8_CAST_MIN_TILE = 16  # below this, tiles are too thin for the kernel to beat XLA's cast
 _CAST_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -311,4 +326,4 @@ def quantize_scaled_with_transpose(
 
 __all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "VALUES_ENV_VAR", "get_quantize_impl", "quantize",
            "quantize_fused_nd", "quantize_impl", "quantize_scaled_with_transpose", "quantize_values",
-           "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused"]
+           "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused", "block_values"]
