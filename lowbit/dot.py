@@ -35,9 +35,9 @@ from jax import lax
 from lowbit.backends import get_gemm, select_backend
 from lowbit.formats import get_format
 from lowbit.kernels.dispatch import (
+    block_values,
     quantize,
     quantize_scaled_with_transpose,
-    block_values,
     quantize_values,
     quantize_with_transpose,
     use_fp8_cast,

@@ -19,8 +19,8 @@ from jax import lax
 from lowbit.kernels.quantize_pallas import (
     DEFAULT_TILES,
     _block_values,
-    _pow2_divisor,
     _Plan,
+    _pow2_divisor,
     _triton_available,
     normalized_axes,
 )
