@@ -1,7 +1,7 @@
-"""The block-values kernel (lowbit.kernels.dequantize_pallas, Pallas interpret mode on the CPU) held bit for bit
-to lowbit.backends.emulate.split_scales of lowbit.quantize's QArrays: edge inputs (zeros, signed zeros, NaN/Inf
-blocks, subnormal elements, 2^±126 scales), batched and 2-D-tiled layouts, bf16 and f32 outputs; and the calls
-it cannot take refused with the fix named, or (dispatch.block_values) handed back unchanged."""
+"""The block-values kernel (lowbit.kernels.dequantize_pallas, Pallas interpret mode on the CPU) held bit for
+bit to lowbit.backends.emulate.split_scales of lowbit.quantize's QArrays: edge inputs (zeros, signed zeros,
+NaN/Inf blocks, subnormal elements, 2^±126 scales), batched and 2-D-tiled layouts, bf16 and f32 outputs; and
+the calls it cannot take refused with the fix named, or (dispatch.block_values) handed back unchanged."""
 
 from __future__ import annotations
 

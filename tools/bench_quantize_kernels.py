@@ -338,7 +338,8 @@ def _values(b: Bench) -> None:
         def codes_then_values(x, fmt=fmt, kw=kw):  # a stored residual: codes now, block values later
             return block_values_fused(quantize_fused(x, fmt, **kw)).values
 
-        b.run(f"{label} bf16 operand: kernel codes + kernel block values", codes_then_values, ref=xla, fmt=label,
+        b.run(f"{label} bf16 operand: kernel codes + kernel block values", codes_then_values, ref=xla,
+              fmt=label,
               impl="fused-codes-fused-values")
 
 

@@ -1,8 +1,8 @@
 """A QArray's block values, data · scale per block, in one Pallas (Triton) pass: an emulated GEMM's operand.
 
 Reads the codes (FP8 bytes, or E2M1 two per byte) and the 8-bit block scales once and writes the values in a
-compute dtype, bit for bit what lowbit.backends.emulate.split_scales computes from the QArray (the tensor scale
-and prescale are left for the GEMM's float32 accumulator). The quantized residuals of lowbit's GEMMs go
+compute dtype, bit for bit what lowbit.backends.emulate.split_scales computes from the QArray (the tensor
+scale and prescale are left for the GEMM's float32 accumulator). The quantized residuals of lowbit's GEMMs go
 through it in the backward pass, so that the backward GEMMs multiply plain bf16 operands.
 """
 
@@ -30,7 +30,8 @@ _SCALE_NAN = {"mx": 0xFF, "nvfp4": 0x7F}  # E8M0 NaN; E4M3 NaN without its sign 
 
 
 def _kernel_axes(q: QArray) -> tuple[int, ...] | None:
-    """(1,) for blocks along the last axis, (0, 1) for tiles over the last two, on q's matrix view; else None."""
+    """(1,) for blocks along the last axis, (0, 1) for tiles over the last two, on q's matrix view; else
+    None."""
     fmt = q.fmt
     if fmt.kind not in _SCALE_NAN or fmt.storage_dtype != fmt.elem_dtype or q.scale is None:
         return None
@@ -68,13 +69,14 @@ def _kernel(data_ref, scale_ref, out_ref, *, plan: _Plan, fp4: bool):
 def block_values_fused(q: QArray, dtype: Any = jnp.bfloat16, interpret: bool | None = None, *,
                        block_rows: int | None = None, block_cols: int | None = None,
                        num_warps: int | None = None) -> BlockValues:
-    """BlockValues(data · scale per block in `dtype`, q.tensor_scale, q.fmt, q.axis, q.prescale) in one kernel.
+    """BlockValues(data · scale per block in `dtype`, q.tensor_scale, q.fmt, q.axis, q.prescale), one kernel.
 
     q [..., rows, K] runs as the matrix [prod(...)·rows, K]. interpret=None: compiled on a GPU, Pallas
     interpret mode elsewhere. Tiles default to the quantize kernel's (DEFAULT_TILES)."""
     kernel_axes = _kernel_axes(q) if isinstance(q, QArray) else None
     if kernel_axes is None:
-        raise ValueError("block_values_fused takes MX FP8/FP4 or NVFP4 QArrays blocked along the last axis (or "
+        raise ValueError("block_values_fused takes MX FP8/FP4 or NVFP4 QArrays blocked along the last axis "
+                         "(or "
                          "tiled over the last two) in whole blocks; use q.dequantize() or "
                          "lowbit.backends.emulate.split_scales for others")
     if interpret is None:

@@ -50,7 +50,8 @@ from lowbit.quantize import quantize as quantize_xla
 
 QUANTIZE_IMPLS = ("auto", "xla", "fused")
 ENV_VAR = "LOWBIT_QUANTIZE_IMPL"
-# "0": quantize_values and block_values return QArrays even where a kernel could write block values (benchmarks)
+# "0": quantize_values and block_values return QArrays even where a kernel could write block values
+# (for benchmarks)
 VALUES_ENV_VAR = "LOWBIT_QUANTIZE_VALUES"
 
 _impl: str | None = None  # set_quantize_impl's choice; None: the environment variable's (or "auto")
@@ -247,7 +248,8 @@ def block_values(q: QArray | BlockValues | jax.Array, dtype: object = jnp.bfloat
                  ) -> QArray | BlockValues | jax.Array:
     """An emulated GEMM's operand from a stored QArray (a residual): BlockValues from the dequantize kernel
     (lowbit.kernels.dequantize_pallas) where the implementation in force runs kernels, as for quantize_values,
-    and the kernel takes q; anything else comes back unchanged (split_scales dequantizes a QArray the same)."""
+    and the kernel takes q; anything else comes back unchanged (split_scales dequantizes a QArray the
+    same)."""
     from lowbit.kernels.dequantize_pallas import block_values_available, block_values_fused
 
     if not isinstance(q, QArray) or not _values_enabled():
