@@ -38,7 +38,6 @@ from lowbit.kernels.dispatch import (
     block_values,
     quantize,
     quantize_scaled_with_transpose,
-    quantize_values,
     quantize_with_transpose,
     use_fp8_cast,
 )
@@ -91,12 +90,10 @@ def _quantize_operand(a: jax.Array, cfg: OperandConfig, key: Any, axis: int | tu
         return a
     # dispatch.quantize: the fused Pallas kernel where lowbit.kernels.set_quantize_impl selects it
     # and it takes the call (same bits as lowbit.quantize, several times its bandwidth on an H100),
-    # else lowbit.quantize's XLA ops. quantize_values: the same kernel writing data · block scale only.
-    kwargs = dict(axis=axis, rounding=cfg.rounding, key=key if cfg.rounding == "stochastic" else None,
-                  scale_mode=cfg.scale_mode, pad=pad, prescale=cfg.prescale)
-    if values_dtype is not None:
-        return quantize_values(_prepared(a), cfg.format, **kwargs, dtype=values_dtype)
-    return quantize(_prepared(a), cfg.format, **kwargs)
+    # else lowbit.quantize's XLA ops; with values_dtype the kernel writes data · block scale only.
+    return quantize(_prepared(a), cfg.format, axis=axis, rounding=cfg.rounding,
+                    key=key if cfg.rounding == "stochastic" else None, scale_mode=cfg.scale_mode, pad=pad,
+                    prescale=cfg.prescale, values_dtype=values_dtype)
 
 
 def _delayed_scale(history: jax.Array | None, row: int, cfg: OperandConfig, recipe: Recipe) -> Any:

@@ -50,7 +50,7 @@ from lowbit.quantize import quantize as quantize_xla
 
 QUANTIZE_IMPLS = ("auto", "xla", "fused")
 ENV_VAR = "LOWBIT_QUANTIZE_IMPL"
-# "0": quantize_values and block_values return QArrays even where a kernel could write block values
+# "0": quantize(values_dtype=...) and block_values return QArrays even where a kernel could write block values
 # (for benchmarks)
 VALUES_ENV_VAR = "LOWBIT_QUANTIZE_VALUES"
 
@@ -167,7 +167,7 @@ def quantize_fused_nd(
 ) -> QArray | BlockValues:
     """lowbit.quantize(x, ...) by the fused kernel for any rank: x [..., rows, K] runs as the matrix
     [prod(...) * rows, K]; data and scales are reshaped back and `axis` set as lowbit.quantize sets it.
-    With values_dtype: BlockValues of x's shape instead (see quantize_values).
+    With values_dtype: BlockValues of x's shape instead (see quantize).
 
     NVFP4's tensor scale is the amax of all of x, as lowbit.quantize takes it. Stochastic rounding
     hashes the element's flat index in the matrix, which is its flat index in x: the same u.
@@ -206,11 +206,19 @@ def quantize(
     *,
     pad: bool = False,
     prescale: float = 1.0,
-) -> QArray:
+    values_dtype: object = None,
+) -> QArray | BlockValues:
     """lowbit.quantize(x, ...) by the implementation get_quantize_impl() selects for this call: the
-    same QArray (bits, shapes, dtypes, axis, tensor_scale, prescale) whichever runs."""
+    same QArray (bits, shapes, dtypes, axis, tensor_scale, prescale) whichever runs.
+
+    values_dtype (an emulated GEMM's operand): where the kernel takes the call, BlockValues (data · block
+    scale in that dtype) from one pass that reads x once and writes only the values, no codes or scales to
+    store and read back; elsewhere, or with $LOWBIT_QUANTIZE_VALUES=0, the QArray.
+    lowbit.backends.emulate.split_scales gives the same values and outer scale from either."""
     if use_fused(x, fmt, axis, rounding, key, scale_mode):
-        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale)
+        values_dtype = values_dtype if _values_enabled() else None
+        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale,
+                                 values_dtype=values_dtype)
     return quantize_xla(x, fmt, axis=axis, rounding=rounding, key=key, scale_mode=scale_mode, pad=pad,
                         prescale=prescale)
 
@@ -222,32 +230,10 @@ def _values_enabled() -> bool:
     return value != "0"
 
 
-def quantize_values(
-    x: jax.Array,
-    fmt: Format | str,
-    axis: int | Sequence[int] = -1,
-    rounding: str = "nearest",
-    key: jax.Array | None = None,
-    scale_mode: str = "floor",
-    *,
-    pad: bool = False,
-    prescale: float = 1.0,
-    dtype: object = jnp.bfloat16,
-) -> QArray | BlockValues:
-    """An emulated GEMM's operand: where the fused kernel takes the call (use_fused), BlockValues (data ·
-    block scale in `dtype`) from one pass that reads x once and writes only the values, with no codes or
-    scales stored and read back; elsewhere, or with $LOWBIT_QUANTIZE_VALUES=0, quantize's QArray.
-    lowbit.backends.emulate.split_scales gives the same values and outer scale from either."""
-    if _values_enabled() and use_fused(x, fmt, axis, rounding, key, scale_mode):
-        return quantize_fused_nd(x, fmt, axis, rounding, key, scale_mode, prescale=prescale,
-                                 values_dtype=dtype)
-    return quantize(x, fmt, axis, rounding, key, scale_mode, pad=pad, prescale=prescale)
-
-
 def block_values(q: QArray | BlockValues | jax.Array, dtype: object = jnp.bfloat16
                  ) -> QArray | BlockValues | jax.Array:
     """An emulated GEMM's operand from a stored QArray (a residual): BlockValues from the dequantize kernel
-    (lowbit.kernels.dequantize_pallas) where the implementation in force runs kernels, as for quantize_values,
+    (lowbit.kernels.dequantize_pallas) where the implementation in force runs kernels, as for quantize,
     and the kernel takes q; anything else comes back unchanged (split_scales dequantizes a QArray the
     same)."""
     from lowbit.kernels.dequantize_pallas import block_values_available, block_values_fused
@@ -327,5 +313,5 @@ def quantize_scaled_with_transpose(
 
 
 __all__ = ["ENV_VAR", "QUANTIZE_IMPLS", "VALUES_ENV_VAR", "get_quantize_impl", "quantize",
-           "quantize_fused_nd", "quantize_impl", "quantize_scaled_with_transpose", "quantize_values",
+           "quantize_fused_nd", "quantize_impl", "quantize_scaled_with_transpose",
            "quantize_with_transpose", "set_quantize_impl", "use_fp8_cast", "use_fused", "block_values"]
