@@ -87,3 +87,16 @@ def test_dispatch_follows_the_switch(monkeypatch):
         np.testing.assert_array_equal(_bits(got.values), _bits(split_scales(q, jnp.bfloat16)[0]))
         monkeypatch.setenv(dispatch.VALUES_ENV_VAR, "0")
         assert dispatch.block_values(q) is q
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn, "float64"])
+def test_values_dtype_must_be_a_gemm_float(dtype):
+    """An integer, 8-bit or float64 values dtype is refused by both kernels, naming the dtypes they write."""
+    from lowbit.kernels import quantize_fused
+
+    x = jnp.ones((32, 64), jnp.float32)
+    choices = r"cannot hold block values; use one of \('bfloat16', 'float16', 'float32'\)"
+    with pytest.raises(ValueError, match=choices):
+        quantize_fused(x, "mxfp8", interpret=True, values_dtype=dtype)
+    with pytest.raises(ValueError, match="cannot hold block values"):
+        block_values_fused(lowbit.quantize(x, "mxfp8"), dtype, interpret=True)

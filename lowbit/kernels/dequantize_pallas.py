@@ -22,6 +22,7 @@ from lowbit.kernels.quantize_pallas import (
     _Plan,
     _pow2_divisor,
     _triton_available,
+    checked_values_dtype,
     normalized_axes,
 )
 from lowbit.quantize import BlockValues, QArray
@@ -85,8 +86,8 @@ def block_values_fused(q: QArray, dtype: Any = jnp.bfloat16, interpret: bool | N
     rows, cols, warps = DEFAULT_TILES[fmt.elem_bits]
     tile_cfg = (rows if block_rows is None else block_rows, cols if block_cols is None else block_cols,
                 warps if num_warps is None else num_warps)
-    values = _block_values_jit(q.data, q.scale, fmt, kernel_axes, jnp.dtype(dtype).name, bool(interpret),
-                               *tile_cfg)
+    values = _block_values_jit(q.data, q.scale, fmt, kernel_axes, checked_values_dtype(dtype),
+                               bool(interpret), *tile_cfg)
     return BlockValues(values, q.tensor_scale, fmt, q.axis, q.prescale)
 
 

@@ -522,12 +522,26 @@ def quantize_fused(
         scale_encode=_resolve_scale_encode(scale_encode, fmt, bool(interpret)),
         packed=fmt.elem_bits == 4 and fp4_layout == "packed" and values_dtype is None,
         words=_resolve_store(store, fmt) == "words" and values_dtype is None, prescale=float(prescale),
-        values_dtype=None if values_dtype is None else jnp.dtype(values_dtype).name,
+        values_dtype=None if values_dtype is None else checked_values_dtype(values_dtype),
     )
     if rounding == "nearest":
         key = None
     return _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, bool(interpret),
                                *_resolve_tile(fmt, block_rows, block_cols, num_warps))
+
+
+VALUES_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def checked_values_dtype(dtype: Any) -> str:
+    """The name of a block-values dtype (a float the GEMM can take), or a ValueError naming the choices."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in VALUES_DTYPES:
+        raise ValueError(f"values_dtype {name} cannot hold block values; use one of {VALUES_DTYPES}")
+    return name
 
 
 def _resolve_encode(encode: str, fmt, rounding: str, interpret: bool) -> str:
