@@ -17,17 +17,21 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit.kernels.quantize_pallas import (
-    DEFAULT_TILES,
+    _E4M3_NAN,
+    _E8M0_NAN,
     _block_values,
+    _pallas_available,
     _Plan,
-    _pow2_divisor,
+    _resolve_tile,
+    _tiling,
     _triton_available,
     checked_values_dtype,
+    matrix_axes,
     normalized_axes,
 )
 from lowbit.quantize import BlockValues, QArray
 
-_SCALE_NAN = {"mx": 0xFF, "nvfp4": 0x7F}  # E8M0 NaN; E4M3 NaN without its sign bit
+_SCALE_NAN = {"mx": _E8M0_NAN, "nvfp4": _E4M3_NAN}  # E4M3's NaN is matched without its sign bit
 
 
 def _kernel_axes(q: QArray) -> tuple[int, ...] | None:
@@ -36,25 +40,17 @@ def _kernel_axes(q: QArray) -> tuple[int, ...] | None:
     fmt = q.fmt
     if fmt.kind not in _SCALE_NAN or fmt.storage_dtype != fmt.elem_dtype or q.scale is None:
         return None
-    shape, ndim, block = tuple(q.data.shape), q.data.ndim, fmt.block_size
-    if ndim < 1 or math.prod(shape) == 0 or shape[-1] % block:
+    shape, block = tuple(q.data.shape), fmt.block_size
+    if q.data.ndim < 1 or math.prod(shape) == 0 or shape[-1] % block:
         return None
-    axes = normalized_axes(q.axis, ndim)
-    if axes == (ndim - 1,):
-        return (1,)
-    if ndim >= 2 and axes == (ndim - 2, ndim - 1) and shape[-2] % block == 0:
-        return (0, 1)
-    return None
+    axes = normalized_axes(q.axis, q.data.ndim)
+    return None if axes is None else matrix_axes(shape, axes, block)
 
 
 def block_values_available(q: QArray) -> bool:
     """Whether block_values_fused takes q: MX FP8/FP4 or NVFP4 data blocked along its last axis (or tiled over
     the last two), whole blocks, non-empty, Pallas importable."""
-    try:
-        from jax.experimental import pallas  # noqa: F401
-    except ImportError:
-        return False
-    return isinstance(q, QArray) and _kernel_axes(q) is not None
+    return _pallas_available() and isinstance(q, QArray) and _kernel_axes(q) is not None
 
 
 def _kernel(data_ref, scale_ref, out_ref, *, plan: _Plan, fp4: bool):
@@ -73,22 +69,17 @@ def block_values_fused(q: QArray, dtype: Any = jnp.bfloat16, interpret: bool | N
     """BlockValues(data · scale per block in `dtype`, q.tensor_scale, q.fmt, q.axis, q.prescale), one kernel.
 
     q [..., rows, K] runs as the matrix [prod(...)·rows, K]. interpret=None: compiled on a GPU, Pallas
-    interpret mode elsewhere. Tiles default to the quantize kernel's (DEFAULT_TILES)."""
+    interpret mode elsewhere. Tiles default to the quantize kernel's (quantize_pallas.DEFAULT_TILES)."""
     kernel_axes = _kernel_axes(q) if isinstance(q, QArray) else None
     if kernel_axes is None:
         raise ValueError("block_values_fused takes MX FP8/FP4 or NVFP4 QArrays blocked along the last axis "
-                         "(or "
-                         "tiled over the last two) in whole blocks; use q.dequantize() or "
+                         "(or tiled over the last two) in whole blocks; use q.dequantize() or "
                          "lowbit.backends.emulate.split_scales for others")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    fmt = q.fmt
-    rows, cols, warps = DEFAULT_TILES[fmt.elem_bits]
-    tile_cfg = (rows if block_rows is None else block_rows, cols if block_cols is None else block_cols,
-                warps if num_warps is None else num_warps)
-    values = _block_values_jit(q.data, q.scale, fmt, kernel_axes, checked_values_dtype(dtype),
-                               bool(interpret), *tile_cfg)
-    return BlockValues(values, q.tensor_scale, fmt, q.axis, q.prescale)
+    values = _block_values_jit(q.data, q.scale, q.fmt, kernel_axes, checked_values_dtype(dtype),
+                               bool(interpret), *_resolve_tile(q.fmt, block_rows, block_cols, num_warps))
+    return BlockValues(values, q.tensor_scale, q.fmt, q.axis, q.prescale)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
@@ -112,13 +103,8 @@ def _block_values_jit(data, scale, fmt, axes, dtype, interpret, block_rows, bloc
     scale_view = (m // r, 1, n // b, 1) + ((1,) if fp4 else ())
     scale_codes = lax.bitcast_convert_type(scale.reshape(m // r, n // b), jnp.uint8).reshape(scale_view)
 
-    rows_per_tile = _pow2_divisor(m // r, max(1, block_rows // r))
-    blocks_per_tile = _pow2_divisor(n // b, max(1, block_cols // b))
-    tiles_per_row = (n // b) // blocks_per_tile
-    grid = ((m // r // rows_per_tile) * tiles_per_row,)
-
-    def index(p):  # 1-D grid, row-major over tiles
-        return (p // tiles_per_row, 0, p % tiles_per_row) + (0,) * (len(in_view) - 3)
+    rows_per_tile, blocks_per_tile, grid, index_of = _tiling(in_view, r, b, block_rows, block_cols)
+    index = functools.partial(index_of, rank=len(in_view))
 
     def tile(view):
         return (rows_per_tile, view[1], blocks_per_tile, *view[3:])

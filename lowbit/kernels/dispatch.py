@@ -44,7 +44,13 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.formats import Format, get_format
-from lowbit.kernels.quantize_pallas import _triton_available, fused_available, normalized_axes, quantize_fused
+from lowbit.kernels.quantize_pallas import (
+    _triton_available,
+    fused_available,
+    matrix_axes,
+    normalized_axes,
+    quantize_fused,
+)
 from lowbit.quantize import BlockValues, QArray
 from lowbit.quantize import quantize as quantize_xla
 
@@ -90,18 +96,6 @@ def quantize_impl(impl: str | None) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- routing
-def _matrix_axes(shape: tuple[int, ...], axes: tuple[int, ...], block: int) -> tuple[int, ...] | None:
-    """Kernel axes of x seen as the matrix [prod(shape[:-1]), shape[-1]], or None if that view would
-    change which elements share a block: blocks must run along the last axis, and 2-D tiles over the
-    last two axes must not straddle two leading (batch) indices, so rows % block == 0."""
-    ndim = len(shape)
-    if axes == (ndim - 1,):
-        return (1,)
-    if ndim >= 2 and axes == (ndim - 2, ndim - 1) and shape[-2] % block == 0:
-        return (0, 1)
-    return None
-
-
 def _single_device() -> bool:
     """One device in the process: no SPMD partitioning that a pallas_call would defeat."""
     return jax.device_count() == 1
@@ -119,7 +113,7 @@ def _kernel_axes(x: jax.Array, fmt: Format, axis: int | Sequence[int], rounding:
     if rounding == "stochastic" and key is None:
         return None  # lowbit.quantize raises the error that names the fix
     axes = normalized_axes(axis, x.ndim)
-    kernel_axes = None if axes is None else _matrix_axes(tuple(x.shape), axes, fmt.block_size)
+    kernel_axes = None if axes is None else matrix_axes(tuple(x.shape), axes, fmt.block_size)
     if kernel_axes is None:
         return None
     matrix = jax.ShapeDtypeStruct((math.prod(x.shape[:-1]), x.shape[-1]), x.dtype)

@@ -131,6 +131,20 @@ def _pow2_divisor(n: int, limit: int) -> int:
 
 
 # ----------------------------------------------------------------------------- in-kernel bit helpers
+def _tiling(view: tuple[int, ...], tile_rows: int, block: int, block_rows: int, block_cols: int):
+    """(row groups per tile, blocks per tile, grid, index map(p, rank)) of a view (m/R, R, n/B, ...): a 1-D
+    grid (no CUDA launch-dimension limits), row-major over tiles of about block_rows x block_cols of x."""
+    rows_per_tile = _pow2_divisor(view[0], max(1, block_rows // tile_rows))
+    blocks_per_tile = _pow2_divisor(view[2], max(1, block_cols // block))
+    tiles_per_row = view[2] // blocks_per_tile
+    grid = ((view[0] // rows_per_tile) * tiles_per_row,)
+
+    def index(p, rank):
+        return (p // tiles_per_row, 0, p % tiles_per_row) + (0,) * (rank - 3)
+
+    return rows_per_tile, blocks_per_tile, grid, index
+
+
 def _pow2(k: jax.Array) -> jax.Array:
     """2^k as float32 from the exponent bits, k int32 in [-126, 127]."""
     return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
@@ -420,6 +434,18 @@ def normalized_axes(axis: Any, ndim: int) -> tuple[int, ...] | None:
         return None
 
 
+def matrix_axes(shape: tuple[int, ...], axes: tuple[int, ...], block: int) -> tuple[int, ...] | None:
+    """Kernel axes of x seen as the matrix [prod(shape[:-1]), shape[-1]], or None if that view would
+    change which elements share a block: blocks must run along the last axis, and 2-D tiles over the
+    last two axes must not straddle two leading (batch) indices, so rows % block == 0."""
+    ndim = len(shape)
+    if axes == (ndim - 1,):
+        return (1,)
+    if ndim >= 2 and axes == (ndim - 2, ndim - 1) and shape[-2] % block == 0:
+        return (0, 1)
+    return None
+
+
 def fused_available(
     x: jax.Array,
     fmt: Format | str,
@@ -608,14 +634,9 @@ def _quantize_fused_jit(x, key, tensor_amax, fmt, axes, plan, interpret, block_r
 
     m, n = x.shape
     view = _view_shape(m, n, plan)
-    rows_per_tile = _pow2_divisor(view[0], max(1, block_rows // plan.tile_rows))
-    blocks_per_tile = _pow2_divisor(view[2], max(1, block_cols // plan.block))
+    rows_per_tile, blocks_per_tile, grid, tile_index = _tiling(view, plan.tile_rows, plan.block, block_rows,
+                                                               block_cols)
     tile = (rows_per_tile, plan.tile_rows, blocks_per_tile, *view[3:])
-    tiles_per_row = view[2] // blocks_per_tile
-    grid = ((view[0] // rows_per_tile) * tiles_per_row,)
-
-    def tile_index(p, rank):  # 1-D grid (no CUDA launch-dimension limits), row-major over tiles
-        return (p // tiles_per_row, 0, p % tiles_per_row) + (0,) * (rank - 3)
 
     inputs, in_specs = [], []
     tensor_scale = None
