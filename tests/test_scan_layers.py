@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -205,21 +204,17 @@ def test_training_with_scan_layers_lowers_the_loss(tmp_path):
     assert np.mean(losses[-5:]) < 0.85 * losses[0]
 
 
-# (5) compile time (measured, not asserted) -----------------------------------------------------
+# (5) one loop per direction, not one program per layer --------------------------------------------
+# (compile times are a benchmark's business: `python -m lowbit.bench step` reports compile_s)
 
 
-def test_print_train_step_compile_time_with_and_without_scan():
-    times, loops = {}, {}
+def test_scanned_step_lowers_each_moe_stack_to_one_loop_per_direction():
+    loops = {}
     for scan in (False, True):
         config = load_config("tiny", ["max_target_length=32", "global_batch_size=8",
                                       f"scan_layers={str(scan).lower()}"])
         parts = build_step(config, "bf16")
         batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets")}
-        start = time.perf_counter()
         lowered = parts.train_step.lower(parts.state, batch, parts.schedule, jnp.float32(0))
-        lowered.compile()
-        times[scan] = time.perf_counter() - start
         loops[scan] = lowered.as_text().count("stablehlo.while")
-    print(f"\ntiny (2 MoE layers) bf16 train step, trace+compile: unrolled {times[False]:.1f} s, "
-          f"scanned {times[True]:.1f} s")
     assert loops[True] == loops[False] + 2  # the two MoE layers: one forward and one backward loop

@@ -11,6 +11,11 @@
 #                                  the moe-2.8b step's operands included
 #   tools/device_next.sh casttiles2 the same with the transposed copy stored 4 codes per int32 word
 #   tools/device_next.sh packstep  moe-2.8b bf16 and fp8-delayed with the packed 128x64 cast as default
+# The thirteenth session's (2026-12-04):
+#   tools/device_next.sh head13    HEAD (the dequantize kernel sharing the quantize kernel's helpers) on the GPU:
+#                                  FP8 cast parity, every quantize kernel and the block values with their bits checked
+#   tools/device_next.sh xladelay  moe-2.8b fp8-delayed with XLA's quantize vs the cast kernel (bf16 in the same run):
+#                                  with the scale known before the operand, can XLA fuse the cast into its producer?
 # The twelfth session's (2026-12-04):
 #   tools/device_next.sh words     the quantize kernel's codes stored as int32 words vs bytes (every format, two
 #                                  interleaved rounds, bits checked), a word tile sweep, and the MX linear layers
@@ -65,6 +70,15 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  head13)  # thirteenth session: the GPU check of HEAD's kernels (bits) and their times
+    run timeout 120 python3 tools/fp8_cast_parity.py --json "$out/parity_s13.json"
+    run timeout 110 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 90
+    run timeout 110 python3 tools/bench_quantize_kernels.py --values-only --budget-s 90
+    ;;
+  xladelay)  # thirteenth session: delayed scaling with XLA's quantize (multiply + convert) vs the cast kernel
+    run timeout 420 python3 -m lowbit.bench step --configs moe-2.8b --recipes fp8-delayed --quantize-impls xla,auto \
+      --cache-dir /tmp/xla_cache --time-budget-s 400 --json "$out/step_moe28b_xladelay_s13.json"
+    ;;
   words2)  # twelfth session: the word store's tiles for FP4, then the small step's MX recipes with each store
     run timeout 150 python3 tools/bench_quantize_kernels.py --stores-only --store-rounds 1 --budget-s 130 \
       --sweep-formats "mxfp4,mxfp4 rceil,nvfp4,nvfp4 16x16" \
