@@ -378,7 +378,7 @@ GROUPED_CONFIGS = {
              "e8k8": (8, 8, 64, 32)},
 }
 GROUPED_TOKENS = {"full": 16384, "tiny": 256}
-GROUPED_VARIANTS = ("dense", "batched", "ragged_dot", "capacity", "grouped", "pallas")
+GROUPED_VARIANTS = ("dense", "batched", "ragged_dot", "capacity", "grouped", "pallas", "mosaic")
 
 
 def zipf_group_sizes(tokens: int, experts: int, top_k: int, exponent: float, seed: int) -> np.ndarray:
@@ -440,9 +440,21 @@ def parse_pallas_tiles(text: str) -> list[tuple[int, ...]]:
     return out
 
 
+def parse_mosaic_tiles(text: str) -> list[tuple[int, ...]]:
+    """'128:128:128:4,128:256:64' -> [(128, 128, 128, 4), (128, 256, 64, 4)]: bm:bn:bk[:stages]."""
+    out = []
+    for item in parse_list(text):
+        fields = [int(f) for f in item.split(":")]
+        if not 3 <= len(fields) <= 4:
+            raise ValueError(f"--mosaic-tiles: {item!r} is not bm:bn:bk[:stages]")
+        out.append(tuple(fields + [4][len(fields) - 3:]))
+    return out
+
+
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
                      chunks: Sequence[tuple[int, int]], fp8: bool,
                      pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 256, 8, 3),),
+                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4),),
                      ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
@@ -475,6 +487,12 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                              lambda x, w, t=(bm, bk, bn), nw=warps, ns=stages: pallas_grouped_matmul(
                                  x, w, sizes, preferred_element_type=out_dtype, tile=t, rhs_layout=layout,
                                  num_warps=nw, num_stages=ns)))
+    if "mosaic" in names:  # forward only (lowbit.kernels.grouped_mosaic): TMA + WGMMA, persistent
+        from lowbit.kernels.grouped_mosaic import grouped_matmul_mosaic
+        for bm, bn, bk, stages in mosaic_tiles:
+            variants.append((f"mosaic grouped {bm}x{bn}x{bk} s{stages} (dropless, fwd only)", "enk",
+                             lambda x, w, t=(bm, bn, bk), ns=stages: grouped_matmul_mosaic(
+                                 x, w, sizes, preferred_element_type=out_dtype, tile=t, stages=ns)))
     return variants
 
 
@@ -539,7 +557,10 @@ def bench_grouped(args: argparse.Namespace) -> Runner:
                 dense_row = None
                 for label, layout, forward in grouped_variants(names, experts, sizes, capacity,
                                                                parse_chunks(args.chunks), fp8,
-                                                               parse_pallas_tiles(args.pallas_tiles)):
+                                                               parse_pallas_tiles(args.pallas_tiles),
+                                                               parse_mosaic_tiles(args.mosaic_tiles)):
+                    if mode != "fwd" and label.startswith("mosaic"):
+                        continue  # the Mosaic GPU kernel has no backward pass
                     row = {"config": config, "dtype": dtype, "pass": mode, "variant": label, **routing}
                     flops = (2.0 if mode == "fwd" else 6.0) * slots * k * n
                     if mode == "fwd":
@@ -613,7 +634,8 @@ def add_grouped_parser(subparsers: Any) -> None:
     add_common_args(p)
     p.add_argument("--configs", default="e8k2,e64k8",
                    help="comma list of e8k2 (Mixtral), e64k8 (DeepSeek-like), e64k2, e8k8")
-    p.add_argument("--variants", default=",".join(GROUPED_VARIANTS), help=f"comma list of {GROUPED_VARIANTS}")
+    p.add_argument("--variants", default=",".join(v for v in GROUPED_VARIANTS if v != "mosaic"),
+                   help=f"comma list of {GROUPED_VARIANTS} (default: all but mosaic, a Hopper-only kernel)")
     p.add_argument("--dtypes", default="bf16,fp8", help="bf16,fp8 (fp8: per-tensor E4M3 operands, forward)")
     p.add_argument("--passes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd (bf16 only)")
     p.add_argument("--tokens", type=int, default=None, help="tokens T (default 16384; tiny 256)")
@@ -625,6 +647,8 @@ def add_grouped_parser(subparsers: Any) -> None:
     p.add_argument("--pallas-tiles", default="128:64:256:8:3",
                    help="pallas variant fprop/dgrad tiles bm:bk:bn[:num_warps[:num_stages]], comma "
                         "separated (wgrad keeps grouped_pallas.WGRAD_TILE)")
+    p.add_argument("--mosaic-tiles", default="128:128:128:4",
+                   help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages], comma separated")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)
 
 

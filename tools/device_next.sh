@@ -11,6 +11,9 @@
 #                                  the moe-2.8b step's operands included
 #   tools/device_next.sh casttiles2 the same with the transposed copy stored 4 codes per int32 word
 #   tools/device_next.sh packstep  moe-2.8b bf16 and fp8-delayed with the packed 128x64 cast as default
+# The fifteenth session's (2026-12-08):
+#   tools/device_next.sh mosaic1   the Mosaic GPU grouped GEMM forward (lowbit.kernels.grouped_mosaic): GPU bit check,
+#                                  then FP8 and bf16 vs dense and the Triton Pallas kernel at e8k2 / e64k8
 # The thirteenth session's (2026-12-04):
 #   tools/device_next.sh head13    HEAD (the dequantize kernel sharing the quantize kernel's helpers) on the GPU:
 #                                  FP8 cast parity, every quantize kernel and the block values with their bits checked
@@ -70,6 +73,15 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  mosaic1)  # fifteenth session: the Mosaic GPU grouped GEMM (TMA + WGMMA): bits on the GPU, then FP8 and bf16 forward
+    run timeout 150 python3 tools/grouped_mosaic_check.py
+    run timeout 200 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,pallas,mosaic --dtypes fp8 \
+      --passes fwd --pallas-tiles 128:128:256:8:3 --mosaic-tiles 128:128:128:4,128:128:128:6,64:256:128:4 \
+      --cache-dir /tmp/xla_cache --time-budget-s 180 --json "$out/grouped_mosaic_fp8_s15.json"
+    run timeout 150 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,pallas,mosaic --dtypes bf16 \
+      --passes fwd --mosaic-tiles 128:128:64:4,128:128:64:6 \
+      --cache-dir /tmp/xla_cache --time-budget-s 130 --json "$out/grouped_mosaic_bf16_s15.json"
+    ;;
   head13)  # thirteenth session: the GPU check of HEAD's kernels (bits) and their times
     run timeout 120 python3 tools/fp8_cast_parity.py --json "$out/parity_s13.json"
     run timeout 110 python3 tools/bench_quantize_kernels.py --no-sweep --budget-s 90

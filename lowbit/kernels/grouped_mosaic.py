@@ -1,0 +1,194 @@
+"""Dropless grouped GEMM forward on Hopper's TMA + WGMMA through Pallas Mosaic GPU (FP8 and 16-bit).
+
+out[t] = scale · lhs[t] · rhs[g(t)] with rows sorted by group and zeros past sum(group_sizes):
+`lax.ragged_dot`'s contract, as lowbit.kernels.grouped_pallas (Triton) but for the FP8 forward, where
+Triton reaches ~0.6x of cuBLAS (docs/benchmarks.md, target 1). Here the K loop is a TMA pipeline feeding
+asynchronous WGMMAs with one float32 accumulator (cuBLAS's "fast accumulation" class for FP8), and a
+persistent grid of one CTA per SM walks the tiles.
+
+Tiles: row blocks of bm rows aligned to multiples of bm (TMA boxes start on the block), one tile per
+(group, block) pair that the group touches, so a block holding rows of two groups is computed twice
+and each tile stores only its group's rows (a ladder of power-of-two TMA stores). Group E is the
+rows [sum(g), M) and gets zeros without a K loop. Tiles: sum_e ceil-span_e <= ceil(M / bm) + E.
+FP8 WGMMA needs both operands K-major, so rhs is [E, N, K] ("enk"); 16-bit operands also take [E, K, N].
+Forward only (no VJP): lowbit's MoE training uses grouped_pallas; this kernel is benchmarked against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+_16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+DEFAULT_TILE = (128, 128, 128)  # (bm, bn, bk); FP8 rows of bk = 128 bytes: the 128-byte TMA swizzle
+DEFAULT_STAGES = 4
+NUM_SMS_H100 = 132
+
+
+def group_boundaries(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """int32 [E + 2]: b_0 = 0, b_{e+1} = min(cumsum(g)_e, M), b_{E+1} = M (group E: the rows to zero)."""
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends, jnp.full((1,), num_rows, jnp.int32)])
+
+
+def _tile_of(bounds_ref, tile: jax.Array, bm: int, groups: int):
+    """Tile id -> (group, row block, first row in block, rows): group e's tiles follow group e-1's.
+
+    Group e spans blocks [b_e // bm, ceil(b_{e+1} / bm)) when non-empty; unrolled over the E + 1
+    groups with selects (no early exit in a kernel). Tiles past the last are idle (rows = 0).
+    """
+    zero = jnp.int32(0)
+    group, block, lo, rows, first_tile = zero, zero, zero, zero, zero
+    for e in range(groups + 1):
+        start, end = bounds_ref[e], bounds_ref[e + 1]
+        first_block = lax.div(start, jnp.int32(bm))
+        span = jnp.where(end > start, lax.div(end + (bm - 1), jnp.int32(bm)) - first_block, zero)
+        here = (tile >= first_tile) & (tile < first_tile + span)
+        b = first_block + (tile - first_tile)
+        row0 = jnp.maximum(start, b * bm)
+        group = jnp.where(here, jnp.int32(e), group)
+        block = jnp.where(here, b, block)
+        lo = jnp.where(here, row0 - b * bm, lo)
+        rows = jnp.where(here, jnp.minimum(end, b * bm + bm) - row0, rows)
+        first_tile = first_tile + span
+    return group, block, lo, rows
+
+
+def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, tile: tuple[int, int, int],
+            stages: int, rhs_k_major: bool, num_row_tiles: int):
+    """Persistent loop over (row tile, N block); K loop = emit_pipeline of TMA loads + WGMMA."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bm, bn, bk = tile
+    m, k = lhs_ref.shape
+    n = out_ref.shape[1]
+    n_blocks = n // bn
+
+    @plgpu.nd_loop((num_row_tiles * n_blocks,), collective_axes="sm")
+    def _tile_loop(info):
+        (lin,) = info.index
+        t, ni = lax.div(lin, jnp.int32(n_blocks)), lax.rem(lin, jnp.int32(n_blocks))
+        group, block, lo, rows = _tile_of(bounds_ref, t, bm, groups)
+
+        def acc_scope(acc_ref):
+            @pl.when((group < groups) & (rows > 0))
+            def _k_loop():
+                def step(_, lhs_smem, rhs_smem):
+                    b = plgpu.transpose_ref(rhs_smem, (1, 0)) if rhs_k_major else rhs_smem
+                    plgpu.wgmma(acc_ref, lhs_smem, b)
+
+                rhs_spec = (plgpu.BlockSpec((bn, bk), lambda kk: (ni, kk), delay_release=1) if rhs_k_major
+                            else plgpu.BlockSpec((bk, bn), lambda kk: (kk, ni), delay_release=1))
+                plgpu.emit_pipeline(
+                    step, grid=(k // bk,),
+                    in_specs=[plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), delay_release=1), rhs_spec],
+                    max_concurrent_steps=stages,
+                )(lhs_ref, rhs_ref.at[jnp.minimum(group, groups - 1)])
+
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn), jnp.float32))
+        if scale_ref is not None:
+            acc = acc * scale_ref[0]
+
+        @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_ref.dtype))
+        def _store(out_smem):
+            out_smem[...] = acc.astype(out_smem.dtype)
+            plgpu.commit_smem()
+            # TMA boxes have static shapes: store `rows` rows as a sum of powers of two (binary digits).
+            offset = lo
+            size = min(bm, m)
+            while size > 0:
+                chunk = 1 << int(math.log2(size))
+                size //= 2
+
+                @pl.when((rows & chunk) != 0)
+                def _copy(offset=offset, chunk=chunk):
+                    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(offset, chunk)],
+                                            out_ref.at[pl.ds(block * bm + offset, chunk), pl.ds(ni * bn, bn)])
+
+                offset = offset + (rows & chunk)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _interpret_params() -> Any:
+    """Pallas's GPU interpreter (simulated SMEM, TMA and barriers on the CPU); jax-private, so tests only."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:  # jax without the GPU interpreter
+        raise NotImplementedError("this jax has no Mosaic GPU interpret mode; run on a Hopper GPU") from err
+    # TMA zero-fills reads past the array's end (the last row block); the interpreter would raise. Those
+    # rows are never stored, so any fill gives the same output.
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+
+
+def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                          rhs_layout: str = "enk", preferred_element_type: Any = None,
+                          scale: jax.Array | float | None = None, tile: tuple[int, int, int] = DEFAULT_TILE,
+                          stages: int = DEFAULT_STAGES, num_sms: int | None = None,
+                          interpret: bool = False) -> jax.Array:
+    """Grouped GEMM out[t] = scale · lhs[t] · rhs[g(t)] (forward only) as one persistent Mosaic GPU kernel.
+
+    lhs [M, K] rows sorted by group; rhs [E, N, K] (rhs_layout "enk"; FP8 needs it) or [E, K, N] ("ekn",
+    16-bit only); group_sizes int[E] (rows past sum(g) are zeros, a sum over M drops the rows past M, as
+    lax.ragged_dot). Operands share one dtype: float8_e4m3fn, float8_e5m2, bfloat16 or float16. Float32
+    accumulation, times the float32 `scale` (per-tensor FP8 scales) before the cast to
+    preferred_element_type (default bfloat16 for FP8, else the operand dtype). tile (bm, bn, bk):
+    K % bk == 0 and N % bn == 0. interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+    if rhs_layout not in ("enk", "ekn"):
+        raise ValueError(f"rhs_layout must be 'enk' (rhs [E, N, K]) or 'ekn' (rhs [E, K, N]), "
+                         f"got {rhs_layout!r}")
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(f"expected lhs [M, K], rhs [E, N, K] or [E, K, N], group_sizes [E]; got lhs "
+                         f"{lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    if lhs.dtype != rhs.dtype or lhs.dtype not in _FP8 + _16BIT:
+        raise TypeError(f"grouped_matmul_mosaic takes lhs and rhs of one dtype among float8_e4m3fn, "
+                        f"float8_e5m2, bfloat16, float16; got {lhs.dtype} and {rhs.dtype} (cast them first)")
+    if lhs.dtype in _FP8 and rhs_layout != "enk":
+        raise ValueError("FP8 WGMMA reads both operands K-major: pass rhs as [E, N, K] with rhs_layout='enk'")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise TypeError(f"group_sizes must be integers, got {group_sizes.dtype}")
+    groups = rhs.shape[0]
+    m, k = lhs.shape
+    n, k2 = (rhs.shape[1], rhs.shape[2]) if rhs_layout == "enk" else (rhs.shape[2], rhs.shape[1])
+    if k != k2:
+        raise ValueError(f"contracting dims differ: lhs K = {k}, rhs K = {k2}")
+    bm, bn, bk = tile
+    if k % bk or n % bn:
+        raise ValueError(f"K = {k} and N = {n} must be multiples of bk = {bk} and bn = {bn}: pad them or "
+                         "pick a tile that divides them")
+    if preferred_element_type is None:
+        out_dtype = jnp.dtype(jnp.bfloat16) if lhs.dtype in _FP8 else lhs.dtype
+    else:
+        out_dtype = jnp.dtype(preferred_element_type)
+    scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
+    num_row_tiles = -(-m // bm) + groups  # see the module docstring: sum_e span_e <= ceil(M/bm) + E
+    if num_sms is None:
+        num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else NUM_SMS_H100
+    body = functools.partial(_kernel, groups=groups, tile=(bm, bn, bk), stages=stages,
+                             rhs_k_major=rhs_layout == "enk", num_row_tiles=num_row_tiles)
+    if scale_arr is None:
+        body_fn = lambda b, x, w, o: body(b, None, x, w, o)  # noqa: E731
+        operands = (group_boundaries(group_sizes, m), lhs, rhs)
+    else:
+        body_fn, operands = body, (group_boundaries(group_sizes, m), scale_arr, lhs, rhs)
+    call = plgpu.kernel(
+        body_fn, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_sms,), grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": _interpret_params()} if interpret else {}))
+    return call(*operands)
+
+
+__all__ = ["DEFAULT_STAGES", "DEFAULT_TILE", "group_boundaries", "grouped_matmul_mosaic"]

@@ -1,0 +1,93 @@
+"""lowbit.kernels.grouped_mosaic on the CPU: Pallas's Mosaic GPU interpreter against a float64 NumPy reference
+(16-bit operands with rhs [E, K, N]: the interpreter has no transposed WGMMA operand), the FP8 K-major kernel
+lowered for CUDA (Mosaic GPU's own checks of the WGMMA operands run at lowering), and the input errors.
+The GPU check of every dtype and layout is tools/grouped_mosaic_check.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit.kernels.grouped_mosaic import group_boundaries, grouped_matmul_mosaic
+
+
+def _reference(x: np.ndarray, w: np.ndarray, sizes: list[int], scale: float) -> tuple[np.ndarray, int]:
+    """float64 out[t] = scale · x[t] · w[g(t)], zeros past the groups; returns (out, rows covered)."""
+    m = x.shape[0]
+    out = np.zeros((m, w.shape[2]))
+    start = 0
+    for e, size in enumerate(sizes):
+        end = min(start + size, m)
+        out[start:end] = x[start:end].astype(np.float64) @ w[e].astype(np.float64)
+        start = end
+    return scale * out, start
+
+
+def _interpret(x, w, gs, **kwargs):
+    try:
+        return grouped_matmul_mosaic(x, w, gs, rhs_layout="ekn", interpret=True, **kwargs)
+    except NotImplementedError as err:  # a jax without the GPU interpreter
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("sizes", [
+    [37, 0, 100, 40],   # unaligned boundaries, an empty group, 23 rows past the groups (zeros)
+    [64, 64, 0, 72],    # boundaries on the 64-row blocks
+    [150, 120],         # sum > M: the last group's rows past M are dropped (lax.ragged_dot's rule)
+])
+def test_interpreted_kernel_matches_float64_reference(sizes):
+    rng = np.random.default_rng(len(sizes))
+    m, k, n = 200, 128, 256
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), jnp.bfloat16)
+    got = np.asarray(_interpret(x, w, jnp.asarray(sizes, jnp.int32), scale=0.5, tile=(64, 128, 64)),
+                     np.float32)
+    ref, covered = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, 0.5)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    # f32 accumulation of exact bf16 products, rounded once to bf16: within 2^-8 relative (+ f32 slack)
+    np.testing.assert_allclose(got, ref, rtol=2.0 ** -8, atol=1e-4)
+    assert np.all(got[covered:] == 0.0)
+
+
+def test_interpreted_kernel_output_dtype_and_unscaled():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((96, 64)), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((2, 64, 128)), jnp.float16)
+    got = _interpret(x, w, jnp.asarray([40, 56], jnp.int32), preferred_element_type=jnp.float32,
+                     tile=(64, 128, 64))
+    assert got.dtype == jnp.float32
+    ref, _ = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), [40, 56], 1.0)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_group_boundaries_clip_and_close_with_the_zero_group():
+    b = group_boundaries(jnp.asarray([3, 0, 10, 4], jnp.int32), 12)
+    np.testing.assert_array_equal(np.asarray(b), [0, 3, 3, 12, 12, 12])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_fp8_k_major_kernel_lowers_for_cuda(dtype):
+    x = jax.ShapeDtypeStruct((512, 256), dtype)
+    w = jax.ShapeDtypeStruct((4, 256, 256), dtype)  # [E, N, K]
+    gs = jax.ShapeDtypeStruct((4,), jnp.int32)
+    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, scale=2.0, num_sms=132))
+    text = fn.trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "tensor<512x256xbf16>" in text
+
+
+def test_bad_inputs_name_the_fix():
+    x8 = jnp.zeros((64, 128), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="K-major"):
+        grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),
+                              rhs_layout="ekn")
+    with pytest.raises(TypeError, match="cast them first"):
+        grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.bfloat16), jnp.asarray([32, 32]))
+    with pytest.raises(ValueError, match="multiples of bk"):
+        grouped_matmul_mosaic(jnp.zeros((64, 96), jnp.bfloat16), jnp.zeros((2, 128, 96), jnp.bfloat16),
+                              jnp.asarray([32, 32]))
+    with pytest.raises(ValueError, match="rhs_layout"):
+        grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),
+                              rhs_layout="nk")
