@@ -440,21 +440,27 @@ def parse_pallas_tiles(text: str) -> list[tuple[int, ...]]:
     return out
 
 
-def parse_mosaic_tiles(text: str) -> list[tuple[int, ...]]:
-    """'128:128:128:4,128:256:64' -> [(128, 128, 128, 4), (128, 256, 64, 4)]: bm:bn:bk[:stages]."""
+def parse_mosaic_tiles(text: str) -> list[tuple[int, int, int, int, bool]]:
+    """'128:128:128:4,128:128:128:4:ws' -> [(128, 128, 128, 4, False), (128, 128, 128, 4, True)].
+
+    bm:bn:bk[:stages[:ws]]; ws: warp-specialized (a TMA warpgroup and two WGMMA warpgroups, bm x 2bn).
+    """
     out = []
     for item in parse_list(text):
-        fields = [int(f) for f in item.split(":")]
-        if not 3 <= len(fields) <= 4:
-            raise ValueError(f"--mosaic-tiles: {item!r} is not bm:bn:bk[:stages]")
-        out.append(tuple(fields + [4][len(fields) - 3:]))
+        fields = item.split(":")
+        ws = fields[-1] == "ws"
+        fields = fields[:-1] if ws else fields
+        if not 3 <= len(fields) <= 4 or not all(f.isdigit() for f in fields):
+            raise ValueError(f"--mosaic-tiles: {item!r} is not bm:bn:bk[:stages[:ws]]")
+        bm, bn, bk, stages = [int(f) for f in fields] + [4][len(fields) - 3:]
+        out.append((bm, bn, bk, stages, ws))
     return out
 
 
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
                      chunks: Sequence[tuple[int, int]], fp8: bool,
                      pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 256, 8, 3),),
-                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4),),
+                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4, False),),
                      ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
@@ -489,10 +495,11 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                                  num_warps=nw, num_stages=ns)))
     if "mosaic" in names:  # forward only (lowbit.kernels.grouped_mosaic): TMA + WGMMA, persistent
         from lowbit.kernels.grouped_mosaic import grouped_matmul_mosaic
-        for bm, bn, bk, stages in mosaic_tiles:
-            variants.append((f"mosaic grouped {bm}x{bn}x{bk} s{stages} (dropless, fwd only)", "enk",
-                             lambda x, w, t=(bm, bn, bk), ns=stages: grouped_matmul_mosaic(
-                                 x, w, sizes, preferred_element_type=out_dtype, tile=t, stages=ns)))
+        for bm, bn, bk, stages, ws in mosaic_tiles:
+            label = f"mosaic grouped {bm}x{bn}x{bk} s{stages}{' ws' if ws else ''} (dropless, fwd only)"
+            variants.append((label, "enk", lambda x, w, t=(bm, bn, bk), ns=stages, ws=ws:
+                             grouped_matmul_mosaic(x, w, sizes, preferred_element_type=out_dtype, tile=t,
+                                                   stages=ns, warp_specialized=ws)))
     return variants
 
 
@@ -648,7 +655,8 @@ def add_grouped_parser(subparsers: Any) -> None:
                    help="pallas variant fprop/dgrad tiles bm:bk:bn[:num_warps[:num_stages]], comma "
                         "separated (wgrad keeps grouped_pallas.WGRAD_TILE)")
     p.add_argument("--mosaic-tiles", default="128:128:128:4",
-                   help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages], comma separated")
+                   help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages[:ws]], comma separated "
+                        "(ws: warp-specialized, two WGMMA warpgroups of bm x bn)")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)
 
 

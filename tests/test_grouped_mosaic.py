@@ -1,7 +1,8 @@
 """lowbit.kernels.grouped_mosaic on the CPU: Pallas's Mosaic GPU interpreter against a float64 NumPy reference
-(16-bit operands with rhs [E, K, N]: the interpreter has no transposed WGMMA operand), the FP8 K-major kernel
-lowered for CUDA (Mosaic GPU's own checks of the WGMMA operands run at lowering), and the input errors.
-The GPU check of every dtype and layout is tools/grouped_mosaic_check.py.
+(16-bit operands with rhs [E, K, N], since the interpreter has no transposed WGMMA operand; the one-warpgroup
+and the warp-specialized kernels), the FP8 K-major kernels lowered for CUDA (Mosaic GPU checks the WGMMA
+operands while lowering), and the input errors.
+The GPU check of every dtype and layout: tools/grouped_mosaic_check.py.
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ def test_interpreted_kernel_matches_float64_reference(sizes):
     assert np.all(got[covered:] == 0.0)
 
 
+@pytest.mark.parametrize("sizes", [[37, 0, 100, 40], [150, 120]])
+def test_interpreted_warp_specialized_kernel_matches_float64_reference(sizes):
+    """One TMA warpgroup + two WGMMA warpgroups (64 + 64 columns), stored in 32-column chunks; two CTAs."""
+    rng = np.random.default_rng(10 + len(sizes))
+    m, k, n = 200, 128, 256
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), jnp.bfloat16)
+    got = np.asarray(_interpret(x, w, jnp.asarray(sizes, jnp.int32), scale=0.5, tile=(64, 64, 64),
+                                warp_specialized=True, epi_n=32, num_sms=2), np.float32)
+    ref, covered = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, 0.5)
+    np.testing.assert_allclose(got, ref, rtol=2.0 ** -8, atol=1e-4)
+    assert np.all(got[covered:] == 0.0)
+
+
 def test_interpreted_kernel_output_dtype_and_unscaled():
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((96, 64)), jnp.float16)
@@ -69,11 +84,13 @@ def test_group_boundaries_clip_and_close_with_the_zero_group():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
-def test_fp8_k_major_kernel_lowers_for_cuda(dtype):
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_fp8_k_major_kernel_lowers_for_cuda(dtype, warp_specialized):
     x = jax.ShapeDtypeStruct((512, 256), dtype)
     w = jax.ShapeDtypeStruct((4, 256, 256), dtype)  # [E, N, K]
     gs = jax.ShapeDtypeStruct((4,), jnp.int32)
-    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, scale=2.0, num_sms=132))
+    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, scale=2.0, num_sms=132,
+                                                       warp_specialized=warp_specialized))
     text = fn.trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "tensor<512x256xbf16>" in text
 
@@ -88,6 +105,9 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(ValueError, match="multiples of bk"):
         grouped_matmul_mosaic(jnp.zeros((64, 96), jnp.bfloat16), jnp.zeros((2, 128, 96), jnp.bfloat16),
                               jnp.asarray([32, 32]))
+    with pytest.raises(ValueError, match="twice for the two warpgroups"):
+        grouped_matmul_mosaic(x8, jnp.zeros((2, 384, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),
+                              tile=(128, 256, 128), warp_specialized=True)
     with pytest.raises(ValueError, match="rhs_layout"):
         grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),
                               rhs_layout="nk")

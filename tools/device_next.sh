@@ -76,10 +76,10 @@ case "$1" in
   mosaic1)  # fifteenth session: the Mosaic GPU grouped GEMM (TMA + WGMMA): bits on the GPU, then FP8 and bf16 forward
     run timeout 150 python3 tools/grouped_mosaic_check.py
     run timeout 200 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,pallas,mosaic --dtypes fp8 \
-      --passes fwd --pallas-tiles 128:128:256:8:3 --mosaic-tiles 128:128:128:4,128:128:128:6,64:256:128:4 \
+      --passes fwd --pallas-tiles 128:128:256:8:3 --mosaic-tiles 128:128:128:4:ws,128:128:128:3:ws,128:128:128:4,128:128:128:6,64:256:128:4 \
       --cache-dir /tmp/xla_cache --time-budget-s 180 --json "$out/grouped_mosaic_fp8_s15.json"
     run timeout 150 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,pallas,mosaic --dtypes bf16 \
-      --passes fwd --mosaic-tiles 128:128:64:4,128:128:64:6 \
+      --passes fwd --mosaic-tiles 128:128:64:4:ws,128:128:64:4 \
       --cache-dir /tmp/xla_cache --time-budget-s 130 --json "$out/grouped_mosaic_bf16_s15.json"
     ;;
   head13)  # thirteenth session: the GPU check of HEAD's kernels (bits) and their times

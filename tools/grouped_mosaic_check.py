@@ -1,8 +1,9 @@
 """GPU check of lowbit.kernels.grouped_mosaic against a float64 grouped product of the same (exact) inputs.
 
 Cases: uneven groups, empty groups, rows past sum(g) (zeros), sum(g) > M (rows dropped), one group,
-block-aligned and unaligned boundaries; bf16 with rhs [E, K, N] and [E, N, K], FP8 E4M3/E5M2 with
-[E, N, K], with and without a scale. Prints one line per case and exits non-zero on any failure.
+block-aligned and unaligned boundaries; one-warpgroup and warp-specialized kernels; bf16 with
+rhs [E, K, N] and [E, N, K], FP8 E4M3/E5M2 with [E, N, K], with and without a scale.
+Prints one line per case and exits non-zero on any failure.
 Tolerance: the result rounded once to bf16 (2^-8 relative) plus accumulation error against sum |x|·|w|:
 1e-5 of it for 16-bit (f32 accumulator), 2^-10 for FP8 (Hopper's FP8 WGMMA keeps ~14 bits while adding).
 """
@@ -33,18 +34,19 @@ def main() -> int:
     for dtype, layout, scale in [(jnp.bfloat16, "ekn", None), (jnp.bfloat16, "enk", 0.25),
                                  (jnp.float8_e4m3fn, "enk", None), (jnp.float8_e4m3fn, "enk", 3.0),
                                  (jnp.float8_e5m2, "enk", None)]:
-        for m, k, n, sizes in CASES:
+        for (m, k, n, sizes), ws in [(case, ws) for ws in (False, True) for case in CASES]:
             x = jnp.asarray(rng.standard_normal((m, k)), dtype)
             w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), dtype)
             gs = jnp.asarray(sizes, jnp.int32)
             w_in = w if layout == "ekn" else jnp.swapaxes(w, 1, 2)
-            tile = (128, 128, 64 if jnp.dtype(dtype).itemsize == 2 else 128)
+            tile = (128, 64 if ws else 128, 64 if jnp.dtype(dtype).itemsize == 2 else 128)
             try:
-                fn = functools.partial(grouped_matmul_mosaic, rhs_layout=layout, scale=scale, tile=tile)
+                fn = functools.partial(grouped_matmul_mosaic, rhs_layout=layout, scale=scale, tile=tile,
+                                       warp_specialized=ws)
                 got = np.asarray(jax.jit(fn)(x, w_in, gs), np.float32)
             except Exception as err:  # noqa: BLE001 - report and go on
-                print(f"FAIL {jnp.dtype(dtype).name} {layout} {m}x{k}x{n} {sizes}: {type(err).__name__}: "
-                      f"{str(err)[:300]}")
+                print(f"FAIL {jnp.dtype(dtype).name} {layout} ws={ws} {m}x{k}x{n} {sizes}: "
+                      f"{type(err).__name__}: {str(err)[:300]}")
                 failures += 1
                 continue
             xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
@@ -62,8 +64,9 @@ def main() -> int:
             acc_tol = 1e-5 if jnp.dtype(dtype).itemsize == 2 else 2.0 ** -10
             ok = bool(np.all(err <= 2.0 ** -8 * np.abs(ref) + acc_tol * bound + 1e-30))
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {jnp.dtype(dtype).name} {layout} scale={scale} {m}x{k}x{n} "
-                  f"{sizes}: max err {err.max():.3g}, max |ref| {np.abs(ref).max():.3g}, zero rows "
+            print(f"{'ok  ' if ok else 'FAIL'} {jnp.dtype(dtype).name} {layout} ws={ws} scale={scale} "
+                  f"{m}x{k}x{n} {sizes}: max err {err.max():.3g}, max |ref| {np.abs(ref).max():.3g}, "
+                  "zero rows "
                   f"{'exact' if np.all(got[start:] == 0) else 'NOT ZERO'}")
             failures += not np.all(got[start:] == 0)
     print(f"{failures} failure(s); jax {jax.__version__}, {jax.devices()[0].device_kind}")

@@ -103,20 +103,106 @@ def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, ti
         def _store(out_smem):
             out_smem[...] = acc.astype(out_smem.dtype)
             plgpu.commit_smem()
-            # TMA boxes have static shapes: store `rows` rows as a sum of powers of two (binary digits).
-            offset = lo
-            size = min(bm, m)
-            while size > 0:
-                chunk = 1 << int(math.log2(size))
-                size //= 2
-
-                @pl.when((rows & chunk) != 0)
-                def _copy(offset=offset, chunk=chunk):
-                    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(offset, chunk)],
-                                            out_ref.at[pl.ds(block * bm + offset, chunk), pl.ds(ni * bn, bn)])
-
-                offset = offset + (rows & chunk)
+            _store_rows(out_smem, out_ref, block * bm, lo, rows, pl.ds(ni * bn, bn), min(bm, m))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _store_rows(smem, out_ref, block_row0, lo: jax.Array, rows: jax.Array, cols, max_rows: int) -> None:
+    """TMA-store smem rows [lo, lo + rows) to out rows block_row0 + the same, as powers of two (TMA boxes
+    have static shapes: one conditional store per binary digit of `rows`)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    offset, size = lo, max_rows
+    while size > 0:
+        chunk = 1 << int(math.log2(size))
+        size //= 2
+
+        @pl.when((rows & chunk) != 0)
+        def _copy(offset=offset, chunk=chunk):
+            plgpu.copy_smem_to_gmem(smem.at[pl.ds(offset, chunk)],
+                                    out_ref.at[pl.ds(block_row0 + offset, chunk), cols])
+
+        offset = offset + (rows & chunk)
+
+
+def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, tile: tuple[int, int, int],
+               stages: int, rhs_k_major: bool, num_row_tiles: int, epi_n: int):
+    """Warp-specialized: one TMA warpgroup feeds two WGMMA warpgroups, each bm x bn of a bm x 2bn CTA tile.
+
+    The memory warpgroup runs ahead into the next tile while the compute warpgroups store (the persistent
+    schedule of CUTLASS's Hopper GEMMs); the store goes through SMEM in bm x epi_n column chunks.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bm, bn, bk = tile
+    m, k = lhs_ref.shape
+    n = out_ref.shape[1]
+    n_blocks = n // (2 * bn)
+    itemsize = jnp.dtype(lhs_ref.dtype).itemsize
+    swizzle = plgpu.find_swizzle(bk * itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    def pipeline(body, context, block=0, ni=0):  # TMA boxes: lhs rows of `block`, rhs rows/cols of `ni`
+        lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (block, kk), transforms=transforms,
+                                   memory_space=plgpu.SMEM)
+        rhs_spec = (plgpu.BlockSpec((2 * bn, bk), lambda kk: (ni, kk), transforms=transforms,
+                                    memory_space=plgpu.SMEM) if rhs_k_major else
+                    plgpu.BlockSpec((bk, 2 * bn), lambda kk: (kk, ni), transforms=transforms,
+                                    memory_space=plgpu.SMEM))
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k // bk,), memory_registers=40, in_specs=[lhs_spec, rhs_spec], wg_axis="wg",
+            num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context)
+
+    ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the bodies
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(lhs_ref, rhs_ref),
+                       out_smem=plgpu.SMEM((2, bm, epi_n), out_ref.dtype), collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_row_tiles * n_blocks,), collective_axes="sm")
+        def _tile_loop(info):
+            (lin,) = info.index
+            t, ni = lax.div(lin, jnp.int32(n_blocks)), lax.rem(lin, jnp.int32(n_blocks))
+            group, block, lo, rows = _tile_of(bounds_ref, t, bm, groups)
+            col0 = ni * (2 * bn) + wg * bn
+
+            def store(acc):  # compute warpgroups only: acc is this warpgroup's bm x bn float32 block
+                if scale_ref is not None:
+                    acc = acc * scale_ref[0]
+                acc = acc.astype(out_ref.dtype)
+                for c in range(bn // epi_n):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
+                    plgpu.commit_smem()
+                    _store_rows(out_smem.at[wg], out_ref, block * bm, lo, rows,
+                                pl.ds(col0 + c * epi_n, epi_n), min(bm, m))
+
+            def context(run):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    store(acc_ref[...])
+
+            def mma(_, lhs_smem, rhs_smem, acc_ref):
+                cols = pl.ds(wg * bn, bn)
+                b = plgpu.transpose_ref(rhs_smem.at[cols, :], (1, 0)) if rhs_k_major else rhs_smem.at[:, cols]
+                plgpu.wgmma(acc_ref, lhs_smem, b)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            @pl.when((group < groups) & (rows > 0))
+            def _k_loop():
+                pipeline(mma, context, block, ni)(lhs_ref, rhs_ref.at[jnp.minimum(group, groups - 1)],
+                                                  allocations=allocs)
+
+            @pl.when((group == groups) & (rows > 0) & (wg < 2))
+            def _zeros():
+                store(jnp.zeros((bm, bn), jnp.float32))
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _interpret_params() -> Any:
@@ -133,8 +219,8 @@ def _interpret_params() -> Any:
 def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                           rhs_layout: str = "enk", preferred_element_type: Any = None,
                           scale: jax.Array | float | None = None, tile: tuple[int, int, int] = DEFAULT_TILE,
-                          stages: int = DEFAULT_STAGES, num_sms: int | None = None,
-                          interpret: bool = False) -> jax.Array:
+                          stages: int = DEFAULT_STAGES, warp_specialized: bool = False, epi_n: int = 64,
+                          num_sms: int | None = None, interpret: bool = False) -> jax.Array:
     """Grouped GEMM out[t] = scale · lhs[t] · rhs[g(t)] (forward only) as one persistent Mosaic GPU kernel.
 
     lhs [M, K] rows sorted by group; rhs [E, N, K] (rhs_layout "enk"; FP8 needs it) or [E, K, N] ("ekn",
@@ -142,7 +228,9 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     lax.ragged_dot). Operands share one dtype: float8_e4m3fn, float8_e5m2, bfloat16 or float16. Float32
     accumulation, times the float32 `scale` (per-tensor FP8 scales) before the cast to
     preferred_element_type (default bfloat16 for FP8, else the operand dtype). tile (bm, bn, bk):
-    K % bk == 0 and N % bn == 0. interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
+    K % bk == 0 and N % bn == 0. warp_specialized: a TMA warpgroup and two WGMMA warpgroups of bm x bn
+    each (CTA tile bm x 2bn, N % 2bn == 0), stored in bm x epi_n chunks; else one warpgroup does both.
+    interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -166,9 +254,13 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     if k != k2:
         raise ValueError(f"contracting dims differ: lhs K = {k}, rhs K = {k2}")
     bm, bn, bk = tile
-    if k % bk or n % bn:
-        raise ValueError(f"K = {k} and N = {n} must be multiples of bk = {bk} and bn = {bn}: pad them or "
-                         "pick a tile that divides them")
+    n_tile = 2 * bn if warp_specialized else bn
+    if k % bk or n % n_tile:
+        raise ValueError(f"K = {k} and N = {n} must be multiples of bk = {bk} and {n_tile} (bn = {bn}"
+                         f"{', twice for the two warpgroups' if warp_specialized else ''}): pad them or pick "
+                         "a tile that divides them")
+    if warp_specialized and bn % epi_n:
+        raise ValueError(f"epi_n = {epi_n} must divide bn = {bn}")
     if preferred_element_type is None:
         out_dtype = jnp.dtype(jnp.bfloat16) if lhs.dtype in _FP8 else lhs.dtype
     else:
@@ -177,8 +269,9 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     num_row_tiles = -(-m // bm) + groups  # see the module docstring: sum_e span_e <= ceil(M/bm) + E
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else NUM_SMS_H100
-    body = functools.partial(_kernel, groups=groups, tile=(bm, bn, bk), stages=stages,
-                             rhs_k_major=rhs_layout == "enk", num_row_tiles=num_row_tiles)
+    kernel, extra = (_kernel_ws, {"epi_n": epi_n}) if warp_specialized else (_kernel, {})
+    body = functools.partial(kernel, groups=groups, tile=(bm, bn, bk), stages=stages,
+                             rhs_k_major=rhs_layout == "enk", num_row_tiles=num_row_tiles, **extra)
     if scale_arr is None:
         body_fn = lambda b, x, w, o: body(b, None, x, w, o)  # noqa: E731
         operands = (group_boundaries(group_sizes, m), lhs, rhs)
@@ -186,6 +279,7 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
         body_fn, operands = body, (group_boundaries(group_sizes, m), scale_arr, lhs, rhs)
     call = plgpu.kernel(
         body_fn, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_sms,), grid_names=("sm",),
+        **({"num_threads": 3, "thread_name": "wg"} if warp_specialized else {}),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({"interpret": _interpret_params()} if interpret else {}))
     return call(*operands)
