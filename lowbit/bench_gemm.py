@@ -460,7 +460,7 @@ def parse_mosaic_tiles(text: str) -> list[tuple[int, int, int, int, bool]]:
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
                      chunks: Sequence[tuple[int, int]], fp8: bool,
                      pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 256, 8, 3),),
-                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4, False),),
+                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4, True),),
                      ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
@@ -654,7 +654,7 @@ def add_grouped_parser(subparsers: Any) -> None:
     p.add_argument("--pallas-tiles", default="128:64:256:8:3",
                    help="pallas variant fprop/dgrad tiles bm:bk:bn[:num_warps[:num_stages]], comma "
                         "separated (wgrad keeps grouped_pallas.WGRAD_TILE)")
-    p.add_argument("--mosaic-tiles", default="128:128:128:4",
+    p.add_argument("--mosaic-tiles", default="128:128:128:4:ws",
                    help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages[:ws]], comma separated "
                         "(ws: warp-specialized, two WGMMA warpgroups of bm x bn)")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)

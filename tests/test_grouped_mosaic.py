@@ -44,8 +44,8 @@ def test_interpreted_kernel_matches_float64_reference(sizes):
     m, k, n = 200, 128, 256
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((len(sizes), k, n)), jnp.bfloat16)
-    got = np.asarray(_interpret(x, w, jnp.asarray(sizes, jnp.int32), scale=0.5, tile=(64, 128, 64)),
-                     np.float32)
+    got = np.asarray(_interpret(x, w, jnp.asarray(sizes, jnp.int32), scale=0.5, tile=(64, 128, 64),
+                                warp_specialized=False, num_sms=2), np.float32)
     ref, covered = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, 0.5)
     assert got.dtype == np.float32 and got.shape == (m, n)
     # f32 accumulation of exact bf16 products, rounded once to bf16: within 2^-8 relative (+ f32 slack)
@@ -72,10 +72,21 @@ def test_interpreted_kernel_output_dtype_and_unscaled():
     x = jnp.asarray(rng.standard_normal((96, 64)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((2, 64, 128)), jnp.float16)
     got = _interpret(x, w, jnp.asarray([40, 56], jnp.int32), preferred_element_type=jnp.float32,
-                     tile=(64, 128, 64))
+                     tile=(64, 64, 64), epi_n=32, num_sms=2)
     assert got.dtype == jnp.float32
     ref, _ = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), [40, 56], 1.0)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_interpreted_kernel_pads_rows_to_a_multiple_of_8():
+    """M = 203: Mosaic GPU needs 8-row multiples; the wrapper pads lhs and slices the result."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((203, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((2, 64, 128)), jnp.bfloat16)
+    got = _interpret(x, w, jnp.asarray([100, 150], jnp.int32), tile=(64, 64, 64), epi_n=64, num_sms=2)
+    ref, _ = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), [100, 150], 1.0)
+    assert got.shape == (203, 128)
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2.0 ** -8, atol=1e-4)
 
 
 def test_group_boundaries_clip_and_close_with_the_zero_group():
@@ -89,7 +100,7 @@ def test_fp8_k_major_kernel_lowers_for_cuda(dtype, warp_specialized):
     x = jax.ShapeDtypeStruct((512, 256), dtype)
     w = jax.ShapeDtypeStruct((4, 256, 256), dtype)  # [E, N, K]
     gs = jax.ShapeDtypeStruct((4,), jnp.int32)
-    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, scale=2.0, num_sms=132,
+    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, scale=2.0, num_sms=132, tile=(128, 128, 128),
                                                        warp_specialized=warp_specialized))
     text = fn.trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "tensor<512x256xbf16>" in text
@@ -103,7 +114,7 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(TypeError, match="cast them first"):
         grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.bfloat16), jnp.asarray([32, 32]))
     with pytest.raises(ValueError, match="multiples of bk"):
-        grouped_matmul_mosaic(jnp.zeros((64, 96), jnp.bfloat16), jnp.zeros((2, 128, 96), jnp.bfloat16),
+        grouped_matmul_mosaic(jnp.zeros((64, 96), jnp.bfloat16), jnp.zeros((2, 256, 96), jnp.bfloat16),
                               jnp.asarray([32, 32]))
     with pytest.raises(ValueError, match="twice for the two warpgroups"):
         grouped_matmul_mosaic(x8, jnp.zeros((2, 384, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),

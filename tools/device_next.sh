@@ -14,6 +14,7 @@
 # The fifteenth session's (2026-12-08):
 #   tools/device_next.sh mosaic1   the Mosaic GPU grouped GEMM forward (lowbit.kernels.grouped_mosaic): GPU bit check,
 #                                  then FP8 and bf16 vs dense and the Triton Pallas kernel at e8k2 / e64k8
+#   tools/device_next.sh mosaic2   the bit check again, FP8 with ragged_dot (errors, x ragged_dot), bf16 tiles
 # The thirteenth session's (2026-12-04):
 #   tools/device_next.sh head13    HEAD (the dequantize kernel sharing the quantize kernel's helpers) on the GPU:
 #                                  FP8 cast parity, every quantize kernel and the block values with their bits checked
@@ -73,6 +74,15 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  mosaic2)  # fifteenth session: the bit check again (M % 8 != 0 now padded), FP8 with ragged_dot, bf16 tiles
+    run timeout 150 python3 tools/grouped_mosaic_check.py
+    run timeout 150 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,ragged_dot,mosaic --dtypes fp8 \
+      --passes fwd --mosaic-tiles 128:128:128:4:ws,128:128:128:3:ws \
+      --cache-dir /tmp/xla_cache --time-budget-s 130 --json "$out/grouped_mosaic_fp8_s15b.json"
+    run timeout 130 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,mosaic --dtypes bf16 \
+      --passes fwd --mosaic-tiles 128:128:64:3:ws,128:64:64:6:ws,64:128:64:6:ws \
+      --cache-dir /tmp/xla_cache --time-budget-s 110 --json "$out/grouped_mosaic_bf16_s15b.json"
+    ;;
   mosaic1)  # fifteenth session: the Mosaic GPU grouped GEMM (TMA + WGMMA): bits on the GPU, then FP8 and bf16 forward
     run timeout 150 python3 tools/grouped_mosaic_check.py
     run timeout 200 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,pallas,mosaic --dtypes fp8 \

@@ -26,9 +26,12 @@ from jax import lax
 
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 _16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-DEFAULT_TILE = (128, 128, 128)  # (bm, bn, bk); FP8 rows of bk = 128 bytes: the 128-byte TMA swizzle
+# Measured on an H100 (docs/benchmarks.md, fifteenth session): warp-specialized, (bm, bn) = (128, 128) per
+# WGMMA warpgroup, bk = 128 bytes of K (the 128-byte TMA swizzle), 4 stages.
+DEFAULT_BM_BN = (128, 128)
 DEFAULT_STAGES = 4
 NUM_SMS_H100 = 132
+_ROW_ALIGN = 8  # Mosaic GPU's GMEM refs need row counts that are multiples of its 8-row tiling
 
 
 def group_boundaries(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -218,8 +221,8 @@ def _interpret_params() -> Any:
 
 def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                           rhs_layout: str = "enk", preferred_element_type: Any = None,
-                          scale: jax.Array | float | None = None, tile: tuple[int, int, int] = DEFAULT_TILE,
-                          stages: int = DEFAULT_STAGES, warp_specialized: bool = False, epi_n: int = 64,
+                          scale: jax.Array | float | None = None, tile: tuple[int, int, int] | None = None,
+                          stages: int = DEFAULT_STAGES, warp_specialized: bool = True, epi_n: int = 64,
                           num_sms: int | None = None, interpret: bool = False) -> jax.Array:
     """Grouped GEMM out[t] = scale · lhs[t] · rhs[g(t)] (forward only) as one persistent Mosaic GPU kernel.
 
@@ -227,9 +230,11 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     16-bit only); group_sizes int[E] (rows past sum(g) are zeros, a sum over M drops the rows past M, as
     lax.ragged_dot). Operands share one dtype: float8_e4m3fn, float8_e5m2, bfloat16 or float16. Float32
     accumulation, times the float32 `scale` (per-tensor FP8 scales) before the cast to
-    preferred_element_type (default bfloat16 for FP8, else the operand dtype). tile (bm, bn, bk):
-    K % bk == 0 and N % bn == 0. warp_specialized: a TMA warpgroup and two WGMMA warpgroups of bm x bn
-    each (CTA tile bm x 2bn, N % 2bn == 0), stored in bm x epi_n chunks; else one warpgroup does both.
+    preferred_element_type (default bfloat16 for FP8, else the operand dtype). tile (bm, bn, bk), default
+    (128, 128, 128 bytes of K): K % bk == 0 and N % bn == 0; M % 8 != 0 costs a padded copy of lhs and a
+    sliced copy of out.
+    warp_specialized: a TMA warpgroup and two WGMMA warpgroups of bm x bn each (CTA tile bm x 2bn,
+    N % 2bn == 0), stored in bm x epi_n chunks; else one warpgroup does both.
     interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -253,7 +258,7 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     n, k2 = (rhs.shape[1], rhs.shape[2]) if rhs_layout == "enk" else (rhs.shape[2], rhs.shape[1])
     if k != k2:
         raise ValueError(f"contracting dims differ: lhs K = {k}, rhs K = {k2}")
-    bm, bn, bk = tile
+    bm, bn, bk = tile if tile is not None else (*DEFAULT_BM_BN, 128 // lhs.dtype.itemsize)
     n_tile = 2 * bn if warp_specialized else bn
     if k % bk or n % n_tile:
         raise ValueError(f"K = {k} and N = {n} must be multiples of bk = {bk} and {n_tile} (bn = {bn}"
@@ -266,6 +271,13 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     else:
         out_dtype = jnp.dtype(preferred_element_type)
     scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
+    if m % _ROW_ALIGN:  # Mosaic GPU tiles GMEM rows by 8: pad lhs (zeros, never stored) and slice the result
+        pad = _ROW_ALIGN - m % _ROW_ALIGN
+        out = grouped_matmul_mosaic(
+            jnp.pad(lhs, ((0, pad), (0, 0))), rhs, group_sizes, rhs_layout=rhs_layout,
+            preferred_element_type=out_dtype, scale=scale, tile=tile, stages=stages,
+            warp_specialized=warp_specialized, epi_n=epi_n, num_sms=num_sms, interpret=interpret)
+        return out[:m]
     num_row_tiles = -(-m // bm) + groups  # see the module docstring: sum_e span_e <= ceil(M/bm) + E
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else NUM_SMS_H100
@@ -285,4 +297,4 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     return call(*operands)
 
 
-__all__ = ["DEFAULT_STAGES", "DEFAULT_TILE", "group_boundaries", "grouped_matmul_mosaic"]
+__all__ = ["DEFAULT_BM_BN", "DEFAULT_STAGES", "group_boundaries", "grouped_matmul_mosaic"]
