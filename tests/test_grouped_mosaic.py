@@ -67,6 +67,16 @@ def test_interpreted_warp_specialized_kernel_matches_float64_reference(sizes):
     assert np.all(got[covered:] == 0.0)
 
 
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_rows_past_the_groups_stay_zero_under_a_nan_scale(warp_specialized):
+    """A NaN tensor scale (non-finite input upstream) must not leak into rows no group owns."""
+    x = jnp.ones((128, 64), jnp.bfloat16)
+    w = jnp.ones((2, 64, 128), jnp.bfloat16)
+    got = np.asarray(_interpret(x, w, jnp.asarray([30, 40], jnp.int32), scale=jnp.nan, tile=(64, 64, 64),
+                                warp_specialized=warp_specialized, num_sms=2), np.float32)
+    assert np.all(np.isnan(got[:70])) and np.all(got[70:] == 0.0)
+
+
 def test_interpreted_kernel_output_dtype_and_unscaled():
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((96, 64)), jnp.float16)
@@ -122,3 +132,36 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(ValueError, match="rhs_layout"):
         grouped_matmul_mosaic(x8, jnp.zeros((2, 128, 128), jnp.float8_e4m3fn), jnp.asarray([32, 32]),
                               rhs_layout="nk")
+
+
+# ----------------------------------------------------------------------------- lowbit.dot's choice of kernel
+def test_grouped_fp8_kernel_choice(monkeypatch):
+    from lowbit.dot import _grouped_fp8_kernel
+
+    e4 = jnp.zeros((64, 256), jnp.float8_e4m3fn)
+    w_enk = jnp.zeros((2, 512, 256), jnp.float8_e4m3fn)
+    monkeypatch.setenv("LOWBIT_GROUPED_FP8", "mosaic")
+    assert _grouped_fp8_kernel(e4, w_enk, "enk") == "mosaic"
+    # mixed e5m2 x e4m3 (the dgrad), N not a multiple of 256, and 16-bit operands stay on Triton
+    assert _grouped_fp8_kernel(e4.astype(jnp.float8_e5m2), w_enk, "enk") == "triton"
+    assert _grouped_fp8_kernel(e4, jnp.zeros((2, 384, 256), jnp.float8_e4m3fn), "enk") == "triton"
+    assert _grouped_fp8_kernel(e4.astype(jnp.bfloat16), w_enk.astype(jnp.bfloat16), "enk") == "triton"
+    monkeypatch.setenv("LOWBIT_GROUPED_FP8", "auto")
+    assert _grouped_fp8_kernel(e4, w_enk, "enk") == ("mosaic" if jax.devices()[0].platform == "gpu" and str(
+        getattr(jax.devices()[0], "compute_capability", "")).startswith("9") else "triton")
+    monkeypatch.setenv("LOWBIT_GROUPED_FP8", "cutlass")
+    with pytest.raises(ValueError, match="LOWBIT_GROUPED_FP8 must be one of"):
+        _grouped_fp8_kernel(e4, w_enk, "enk")
+
+
+def test_fp8_recipe_grouped_forward_lowers_to_the_mosaic_kernel(monkeypatch):
+    """ragged_dot(recipe="fp8", impl="pallas") for CUDA: the forward is one Mosaic GPU call, scales inside."""
+    from lowbit.dot import ragged_dot
+
+    monkeypatch.setenv("LOWBIT_GROUPED_FP8", "mosaic")
+    x = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4, 512, 512), jnp.bfloat16)
+    gs = jax.ShapeDtypeStruct((4,), jnp.int32)
+    fn = jax.jit(lambda a, b, g: ragged_dot(a, b, g, recipe="fp8", impl="pallas"))
+    text = fn.trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1 and "tensor<1024x512xbf16>" in text

@@ -100,7 +100,7 @@ def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, ti
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn), jnp.float32))
         if scale_ref is not None:
-            acc = acc * scale_ref[0]
+            acc = acc * jnp.where(group < groups, scale_ref[0], 1.0)  # zero rows stay 0 under a NaN scale
 
         @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_ref.dtype))
         def _store(out_smem):
@@ -172,8 +172,8 @@ def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int,
             group, block, lo, rows = _tile_of(bounds_ref, t, bm, groups)
             col0 = ni * (2 * bn) + wg * bn
 
-            def store(acc):  # compute warpgroups only: acc is this warpgroup's bm x bn float32 block
-                if scale_ref is not None:
+            def store(acc, scaled=True):  # compute warpgroups only: this warpgroup's bm x bn f32 block
+                if scale_ref is not None and scaled:
                     acc = acc * scale_ref[0]
                 acc = acc.astype(out_ref.dtype)
                 for c in range(bn // epi_n):
@@ -203,7 +203,7 @@ def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int,
 
             @pl.when((group == groups) & (rows > 0) & (wg < 2))
             def _zeros():
-                store(jnp.zeros((bm, bn), jnp.float32))
+                store(jnp.zeros((bm, bn), jnp.float32), scaled=False)  # exact zeros, even for a NaN scale
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
