@@ -14,7 +14,7 @@
 # The fifteenth session's (2026-12-08):
 #   tools/device_next.sh mosaic1   the Mosaic GPU grouped GEMM forward (lowbit.kernels.grouped_mosaic): GPU bit check,
 #                                  then FP8 and bf16 vs dense and the Triton Pallas kernel at e8k2 / e64k8
-#   tools/device_next.sh mosaic2   the bit check again, an FP8 rerun, and moe-1.8b fp8 with moe_impl=pallas: the
+#   tools/device_next.sh mosaic2   the bit check again and moe-1.8b fp8 with moe_impl=pallas: the
 #                                  forward grouped GEMMs on the Mosaic kernel vs Triton (LOWBIT_GROUPED_FP8)
 # The thirteenth session's (2026-12-04):
 #   tools/device_next.sh head13    HEAD (the dequantize kernel sharing the quantize kernel's helpers) on the GPU:
@@ -75,12 +75,9 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
-  mosaic2)  # fifteenth session: the bit check again (M % 8 padded, NaN-safe zero rows), FP8 rerun, and the moe-1.8b
+  mosaic2)  # fifteenth session: the bit check again (M % 8 padded, NaN-safe zero rows) and the moe-1.8b
            # step with moe_impl=pallas: fp8's forward grouped GEMMs on the Mosaic kernel (auto) vs on Triton
-    run timeout 120 python3 tools/grouped_mosaic_check.py
-    run timeout 80 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,mosaic --dtypes fp8 \
-      --passes fwd --mosaic-tiles 128:128:128:4:ws,128:128:128:3:ws \
-      --cache-dir /tmp/xla_cache --time-budget-s 70 --json "$out/grouped_mosaic_fp8_s15b.json"
+    run timeout 100 python3 tools/grouped_mosaic_check.py
     run timeout 170 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --override moe_impl=pallas \
       --cache-dir /tmp/xla_cache --time-budget-s 160 --json "$out/step_moe18b_pallas_mosaic_s15.json"
     LOWBIT_GROUPED_FP8=triton run timeout 120 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 \
