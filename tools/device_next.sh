@@ -77,9 +77,9 @@ run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" 
 case "$1" in
   mosaic2)  # fifteenth session: the bit check again (M % 8 padded, NaN-safe zero rows) and the moe-1.8b
            # step with moe_impl=pallas: fp8's forward grouped GEMMs on the Mosaic kernel (auto) vs on Triton
-    run timeout 100 python3 tools/grouped_mosaic_check.py
     run timeout 170 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --override moe_impl=pallas \
       --cache-dir /tmp/xla_cache --time-budget-s 160 --json "$out/step_moe18b_pallas_mosaic_s15.json"
+    run timeout 100 python3 tools/grouped_mosaic_check.py
     LOWBIT_GROUPED_FP8=triton run timeout 120 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 \
       --override moe_impl=pallas --cache-dir /tmp/xla_cache --time-budget-s 110 \
       --json "$out/step_moe18b_pallas_triton_s15.json"
