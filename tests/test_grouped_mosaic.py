@@ -116,6 +116,22 @@ def test_fp8_k_major_kernel_lowers_for_cuda(dtype, warp_specialized):
     assert "mosaic_gpu" in text and "tensor<512x256xbf16>" in text
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_default_settings_fit_the_shared_memory(out_dtype):
+    """4 stages of 128x128 + 256x128 FP8 boxes (192 KiB) plus the store chunks must fit Hopper's 227 KiB:
+    Mosaic GPU checks it while lowering. A float32 output halves the chunk width (epi_n 32)."""
+    x = jax.ShapeDtypeStruct((4096, 1024), jnp.float8_e4m3fn)
+    w = jax.ShapeDtypeStruct((8, 2048, 1024), jnp.float8_e4m3fn)
+    gs = jax.ShapeDtypeStruct((8,), jnp.int32)
+    fn = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, preferred_element_type=out_dtype,
+                                                       num_sms=132))
+    fn.trace(x, w, gs).lower(lowering_platforms=("cuda",))  # raises "exceeds available shared memory" if not
+    too_wide = jax.jit(lambda a, b, g: grouped_matmul_mosaic(a, b, g, preferred_element_type=jnp.float32,
+                                                             epi_n=128, num_sms=132))
+    with pytest.raises(ValueError, match="shared memory"):
+        too_wide.trace(x, w, gs).lower(lowering_platforms=("cuda",))
+
+
 def test_bad_inputs_name_the_fix():
     x8 = jnp.zeros((64, 128), jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="K-major"):

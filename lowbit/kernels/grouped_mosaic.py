@@ -222,7 +222,8 @@ def _interpret_params() -> Any:
 def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                           rhs_layout: str = "enk", preferred_element_type: Any = None,
                           scale: jax.Array | float | None = None, tile: tuple[int, int, int] | None = None,
-                          stages: int = DEFAULT_STAGES, warp_specialized: bool = True, epi_n: int = 64,
+                          stages: int = DEFAULT_STAGES, warp_specialized: bool = True,
+                          epi_n: int | None = None,
                           num_sms: int | None = None, interpret: bool = False) -> jax.Array:
     """Grouped GEMM out[t] = scale · lhs[t] · rhs[g(t)] (forward only) as one persistent Mosaic GPU kernel.
 
@@ -234,7 +235,8 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     (128, 128, 128 bytes of K): K % bk == 0 and N % bn == 0; M % 8 != 0 costs a padded copy of lhs and a
     sliced copy of out.
     warp_specialized: a TMA warpgroup and two WGMMA warpgroups of bm x bn each (CTA tile bm x 2bn,
-    N % 2bn == 0), stored in bm x epi_n chunks; else one warpgroup does both.
+    N % 2bn == 0), stored in bm x epi_n chunks (default: 128 bytes of output per row, which keeps a float32
+    output inside the shared memory at 4 stages); else one warpgroup does both.
     interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -264,12 +266,13 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
         raise ValueError(f"K = {k} and N = {n} must be multiples of bk = {bk} and {n_tile} (bn = {bn}"
                          f"{', twice for the two warpgroups' if warp_specialized else ''}): pad them or pick "
                          "a tile that divides them")
-    if warp_specialized and bn % epi_n:
-        raise ValueError(f"epi_n = {epi_n} must divide bn = {bn}")
     if preferred_element_type is None:
         out_dtype = jnp.dtype(jnp.bfloat16) if lhs.dtype in _FP8 else lhs.dtype
     else:
         out_dtype = jnp.dtype(preferred_element_type)
+    epi_n = min(bn, 128 // out_dtype.itemsize) if epi_n is None else epi_n
+    if warp_specialized and bn % epi_n:
+        raise ValueError(f"epi_n = {epi_n} must divide bn = {bn}")
     scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
     if m % _ROW_ALIGN:  # Mosaic GPU tiles GMEM rows by 8: pad lhs (zeros, never stored) and slice the result
         pad = _ROW_ALIGN - m % _ROW_ALIGN
