@@ -440,27 +440,29 @@ def parse_pallas_tiles(text: str) -> list[tuple[int, ...]]:
     return out
 
 
-def parse_mosaic_tiles(text: str) -> list[tuple[int, int, int, int, bool]]:
-    """'128:128:128:4,128:128:128:4:ws' -> [(128, 128, 128, 4, False), (128, 128, 128, 4, True)].
+def parse_mosaic_tiles(text: str) -> list[tuple[int, int, int, int, bool, int | None]]:
+    """'128:128:128:4,128:128:128:4:ws:b8' -> [(128, 128, 128, 4, False, None), (128, 128, 128, 4, True, 8)].
 
-    bm:bn:bk[:stages[:ws]]; ws: warp-specialized (a TMA warpgroup and two WGMMA warpgroups, bm x 2bn).
+    bm:bn:bk[:stages] then optional flags: ws (warp-specialized: a TMA warpgroup and two WGMMA warpgroups,
+    bm x 2bn) and bN (bands of N blocks swept over all row tiles: grouped_matmul_mosaic's `band`).
     """
     out = []
     for item in parse_list(text):
         fields = item.split(":")
-        ws = fields[-1] == "ws"
-        fields = fields[:-1] if ws else fields
-        if not 3 <= len(fields) <= 4 or not all(f.isdigit() for f in fields):
-            raise ValueError(f"--mosaic-tiles: {item!r} is not bm:bn:bk[:stages[:ws]]")
-        bm, bn, bk, stages = [int(f) for f in fields] + [4][len(fields) - 3:]
-        out.append((bm, bn, bk, stages, ws))
+        flags = [f for f in fields if not f.isdigit()]
+        numbers = [int(f) for f in fields if f.isdigit()]
+        bands = [f for f in flags if f[:1] == "b" and f[1:].isdigit()]
+        if not 3 <= len(numbers) <= 4 or set(flags) - {"ws", *bands} or len(bands) > 1:
+            raise ValueError(f"--mosaic-tiles: {item!r} is not bm:bn:bk[:stages][:ws][:bN]")
+        bm, bn, bk, stages = numbers + [4][len(numbers) - 3:]
+        out.append((bm, bn, bk, stages, "ws" in flags, int(bands[0][1:]) if bands else None))
     return out
 
 
 def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capacity: int,
                      chunks: Sequence[tuple[int, int]], fp8: bool,
                      pallas_tiles: Sequence[tuple[int, ...]] = ((128, 64, 256, 8, 3),),
-                     mosaic_tiles: Sequence[tuple[int, ...]] = ((128, 128, 128, 4, True),),
+                     mosaic_tiles: Sequence[tuple[Any, ...]] = ((128, 128, 128, 4, True, None),),
                      ) -> list[tuple[str, str, Callable]]:
     """(name, weight layout, forward fn(x, w, *extra)) per requested variant."""
     from lowbit.grouped import grouped_matmul
@@ -495,11 +497,12 @@ def grouped_variants(names: Sequence[str], experts: int, sizes: jax.Array, capac
                                  num_warps=nw, num_stages=ns)))
     if "mosaic" in names:  # forward only (lowbit.kernels.grouped_mosaic): TMA + WGMMA, persistent
         from lowbit.kernels.grouped_mosaic import grouped_matmul_mosaic
-        for bm, bn, bk, stages, ws in mosaic_tiles:
-            label = f"mosaic grouped {bm}x{bn}x{bk} s{stages}{' ws' if ws else ''} (dropless, fwd only)"
-            variants.append((label, "enk", lambda x, w, t=(bm, bn, bk), ns=stages, ws=ws:
+        for bm, bn, bk, stages, ws, band in mosaic_tiles:
+            label = (f"mosaic grouped {bm}x{bn}x{bk} s{stages}{' ws' if ws else ''}"
+                     f"{f' band {band}' if band else ''} (dropless, fwd only)")
+            variants.append((label, "enk", lambda x, w, t=(bm, bn, bk), ns=stages, ws=ws, b=band:
                              grouped_matmul_mosaic(x, w, sizes, preferred_element_type=out_dtype, tile=t,
-                                                   stages=ns, warp_specialized=ws)))
+                                                   stages=ns, warp_specialized=ws, band=b)))
     return variants
 
 
@@ -655,8 +658,9 @@ def add_grouped_parser(subparsers: Any) -> None:
                    help="pallas variant fprop/dgrad tiles bm:bk:bn[:num_warps[:num_stages]], comma "
                         "separated (wgrad keeps grouped_pallas.WGRAD_TILE)")
     p.add_argument("--mosaic-tiles", default="128:128:128:4:ws",
-                   help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages[:ws]], comma separated "
-                        "(ws: warp-specialized, two WGMMA warpgroups of bm x bn)")
+                   help="mosaic variant (forward only, Hopper) tiles bm:bn:bk[:stages][:ws][:bN], comma "
+                        "separated (ws: warp-specialized, two WGMMA warpgroups of bm x bn; bN: bands of N "
+                        "N-blocks)")
     p.set_defaults(func=bench_grouped, columns=GROUPED_COLUMNS)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit.kernels.grouped_mosaic import group_boundaries, grouped_matmul_mosaic
+from lowbit.kernels.grouped_mosaic import _tile_order, group_boundaries, grouped_matmul_mosaic
 
 
 def _reference(x: np.ndarray, w: np.ndarray, sizes: list[int], scale: float) -> tuple[np.ndarray, int]:
@@ -99,6 +99,33 @@ def test_interpreted_kernel_pads_rows_to_a_multiple_of_8():
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2.0 ** -8, atol=1e-4)
 
 
+@pytest.mark.parametrize("band", [None, 1, 2, 6])
+def test_tile_order_visits_every_tile_once_in_bands(band):
+    rows, n_blocks = 5, 6
+    lin = jnp.arange(rows * n_blocks, dtype=jnp.int32)
+    t, ni = (np.asarray(v) for v in _tile_order(lin, rows, n_blocks, band))
+    visited = sorted(zip(t.tolist(), ni.tolist(), strict=True))
+    assert visited == [(r, c) for r in range(rows) for c in range(n_blocks)]
+    width = n_blocks if band is None else band
+    np.testing.assert_array_equal(ni // width, np.arange(rows * n_blocks) // (width * rows))  # band by band
+    if band is None:  # N blocks innermost, as before bands existed
+        np.testing.assert_array_equal(t, np.arange(rows * n_blocks) // n_blocks)
+
+
+def test_interpreted_kernel_with_one_n_block_bands():
+    rng = np.random.default_rng(5)
+    sizes = [70, 0, 90]
+    x = jnp.asarray(rng.standard_normal((160, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 64, 256)), jnp.bfloat16)
+    got = np.asarray(_interpret(x, w, jnp.asarray(sizes, jnp.int32), tile=(64, 64, 64), band=1, num_sms=2),
+                     np.float32)
+    ref, _ = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes, 1.0)
+    np.testing.assert_allclose(got, ref, rtol=2.0 ** -8, atol=1e-4)
+    with pytest.raises(ValueError, match="must divide the 2 N blocks"):
+        grouped_matmul_mosaic(x, w, jnp.asarray(sizes, jnp.int32), rhs_layout="ekn", tile=(64, 64, 64),
+                              band=3)
+
+
 def test_group_boundaries_clip_and_close_with_the_zero_group():
     b = group_boundaries(jnp.asarray([3, 0, 10, 4], jnp.int32), 12)
     np.testing.assert_array_equal(np.asarray(b), [0, 3, 3, 12, 12, 12])
@@ -181,3 +208,13 @@ def test_fp8_recipe_grouped_forward_lowers_to_the_mosaic_kernel(monkeypatch):
     fn = jax.jit(lambda a, b, g: ragged_dot(a, b, g, recipe="fp8", impl="pallas"))
     text = fn.trace(x, w, gs).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1 and "tensor<1024x512xbf16>" in text
+
+
+def test_bench_mosaic_tile_specs():
+    from lowbit.bench_gemm import parse_mosaic_tiles
+
+    assert parse_mosaic_tiles("128:128:128:4:ws:b8,64:256:128") == [(128, 128, 128, 4, True, 8),
+                                                                     (64, 256, 128, 4, False, None)]
+    for bad in ("128:128", "128:128:128:4:xs", "128:128:128:b2:b4"):
+        with pytest.raises(ValueError, match="is not bm:bn:bk"):
+            parse_mosaic_tiles(bad)

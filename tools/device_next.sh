@@ -16,6 +16,7 @@
 #                                  then FP8 and bf16 vs dense and the Triton Pallas kernel at e8k2 / e64k8
 #   tools/device_next.sh mosaic2   the bit check again and moe-1.8b fp8 with moe_impl=pallas: the
 #                                  forward grouped GEMMs on the Mosaic kernel vs Triton (LOWBIT_GROUPED_FP8)
+#   tools/device_next.sh mosaic3   the Mosaic FP8 kernel with N-block bands (rhs[e] columns kept in L2 across row tiles)
 # The thirteenth session's (2026-12-04):
 #   tools/device_next.sh head13    HEAD (the dequantize kernel sharing the quantize kernel's helpers) on the GPU:
 #                                  FP8 cast parity, every quantize kernel and the block values with their bits checked
@@ -75,6 +76,11 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 log="$out/$1.log"
 run() { echo "+ $*" | tee -a "$log"; "$@" 2>&1 | grep -v "^\[ " | tee -a "$log" | tail -n 25; }
 case "$1" in
+  mosaic3)  # fifteenth session (written after the budget ran out): the Mosaic FP8 kernel's raster bands at e8k2 / e64k8
+    run timeout 200 python3 -m lowbit.bench grouped --configs e8k2,e64k8 --variants dense,mosaic --dtypes fp8 \
+      --passes fwd --mosaic-tiles 128:128:128:4:ws,128:128:128:4:ws:b8,128:128:128:4:ws:b4,128:128:128:4:ws:b2,128:128:128:3:ws:b4 \
+      --cache-dir /tmp/xla_cache --time-budget-s 180 --json "$out/grouped_mosaic_bands_s15.json"
+    ;;
   mosaic2)  # fifteenth session: the bit check again (M % 8 padded, NaN-safe zero rows) and the moe-1.8b
            # step with moe_impl=pallas: fp8's forward grouped GEMMs on the Mosaic kernel (auto) vs on Triton
     run timeout 170 python3 -m lowbit.bench step --configs moe-1.8b --recipes fp8 --override moe_impl=pallas \

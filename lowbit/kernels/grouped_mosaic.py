@@ -64,8 +64,22 @@ def _tile_of(bounds_ref, tile: jax.Array, bm: int, groups: int):
     return group, block, lo, rows
 
 
+def _tile_order(lin: jax.Array, num_row_tiles: int, n_blocks: int, band: int | None):
+    """Loop step -> (row tile, N block): bands of `band` N blocks, each swept over every row tile.
+
+    band = n_blocks (None) puts the N blocks innermost: a row tile's lhs is read once, and rhs[e] once per
+    row tiles in flight. A narrower band keeps its rhs[e] columns in L2 across the expert's row tiles and
+    re-reads lhs n_blocks / band times. `band` must divide n_blocks.
+    """
+    band = n_blocks if band is None else band
+    per_band = band * num_row_tiles
+    first_n = lax.div(lin, jnp.int32(per_band)) * band
+    within = lax.rem(lin, jnp.int32(per_band))
+    return lax.div(within, jnp.int32(band)), first_n + lax.rem(within, jnp.int32(band))
+
+
 def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, tile: tuple[int, int, int],
-            stages: int, rhs_k_major: bool, num_row_tiles: int):
+            stages: int, rhs_k_major: bool, num_row_tiles: int, band: int | None):
     """Persistent loop over (row tile, N block); K loop = emit_pipeline of TMA loads + WGMMA."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -78,7 +92,7 @@ def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, ti
     @plgpu.nd_loop((num_row_tiles * n_blocks,), collective_axes="sm")
     def _tile_loop(info):
         (lin,) = info.index
-        t, ni = lax.div(lin, jnp.int32(n_blocks)), lax.rem(lin, jnp.int32(n_blocks))
+        t, ni = _tile_order(lin, num_row_tiles, n_blocks, band)
         group, block, lo, rows = _tile_of(bounds_ref, t, bm, groups)
 
         def acc_scope(acc_ref):
@@ -130,7 +144,7 @@ def _store_rows(smem, out_ref, block_row0, lo: jax.Array, rows: jax.Array, cols,
 
 
 def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, tile: tuple[int, int, int],
-               stages: int, rhs_k_major: bool, num_row_tiles: int, epi_n: int):
+               stages: int, rhs_k_major: bool, num_row_tiles: int, band: int | None, epi_n: int):
     """Warp-specialized: one TMA warpgroup feeds two WGMMA warpgroups, each bm x bn of a bm x 2bn CTA tile.
 
     The memory warpgroup runs ahead into the next tile while the compute warpgroups store (the persistent
@@ -168,7 +182,7 @@ def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int,
         @plgpu.nd_loop((num_row_tiles * n_blocks,), collective_axes="sm")
         def _tile_loop(info):
             (lin,) = info.index
-            t, ni = lax.div(lin, jnp.int32(n_blocks)), lax.rem(lin, jnp.int32(n_blocks))
+            t, ni = _tile_order(lin, num_row_tiles, n_blocks, band)
             group, block, lo, rows = _tile_of(bounds_ref, t, bm, groups)
             col0 = ni * (2 * bn) + wg * bn
 
@@ -223,7 +237,7 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
                           rhs_layout: str = "enk", preferred_element_type: Any = None,
                           scale: jax.Array | float | None = None, tile: tuple[int, int, int] | None = None,
                           stages: int = DEFAULT_STAGES, warp_specialized: bool = True,
-                          epi_n: int | None = None,
+                          epi_n: int | None = None, band: int | None = None,
                           num_sms: int | None = None, interpret: bool = False) -> jax.Array:
     """Grouped GEMM out[t] = scale · lhs[t] · rhs[g(t)] (forward only) as one persistent Mosaic GPU kernel.
 
@@ -236,7 +250,8 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     sliced copy of out.
     warp_specialized: a TMA warpgroup and two WGMMA warpgroups of bm x bn each (CTA tile bm x 2bn,
     N % 2bn == 0), stored in bm x epi_n chunks (default: 128 bytes of output per row, which keeps a float32
-    output inside the shared memory at 4 stages); else one warpgroup does both.
+    output inside the shared memory at 4 stages); else one warpgroup does both. band: N blocks (of bn, or
+    2bn warp-specialized) swept together over all row tiles (None: all of them; see _tile_order).
     interpret=True runs Pallas's Mosaic GPU interpreter (CPU tests).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -273,20 +288,22 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     epi_n = min(bn, 128 // out_dtype.itemsize) if epi_n is None else epi_n
     if warp_specialized and bn % epi_n:
         raise ValueError(f"epi_n = {epi_n} must divide bn = {bn}")
+    if band is not None and (band < 1 or (n // n_tile) % band):
+        raise ValueError(f"band = {band} must divide the {n // n_tile} N blocks of {n_tile} columns")
     scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
     if m % _ROW_ALIGN:  # Mosaic GPU tiles GMEM rows by 8: pad lhs (zeros, never stored) and slice the result
         pad = _ROW_ALIGN - m % _ROW_ALIGN
         out = grouped_matmul_mosaic(
             jnp.pad(lhs, ((0, pad), (0, 0))), rhs, group_sizes, rhs_layout=rhs_layout,
             preferred_element_type=out_dtype, scale=scale, tile=tile, stages=stages,
-            warp_specialized=warp_specialized, epi_n=epi_n, num_sms=num_sms, interpret=interpret)
+            warp_specialized=warp_specialized, epi_n=epi_n, band=band, num_sms=num_sms, interpret=interpret)
         return out[:m]
     num_row_tiles = -(-m // bm) + groups  # see the module docstring: sum_e span_e <= ceil(M/bm) + E
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else NUM_SMS_H100
     kernel, extra = (_kernel_ws, {"epi_n": epi_n}) if warp_specialized else (_kernel, {})
     body = functools.partial(kernel, groups=groups, tile=(bm, bn, bk), stages=stages,
-                             rhs_k_major=rhs_layout == "enk", num_row_tiles=num_row_tiles, **extra)
+                             rhs_k_major=rhs_layout == "enk", num_row_tiles=num_row_tiles, band=band, **extra)
     if scale_arr is None:
         body_fn = lambda b, x, w, o: body(b, None, x, w, o)  # noqa: E731
         operands = (group_boundaries(group_sizes, m), lhs, rhs)
