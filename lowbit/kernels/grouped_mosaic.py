@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit.kernels.grouped_pallas import group_bounds
+
 _FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 _16BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Measured on an H100 (docs/benchmarks.md, fifteenth session): warp-specialized, (bm, bn) = (128, 128) per
@@ -35,10 +37,12 @@ _ROW_ALIGN = 8  # Mosaic GPU's GMEM refs need row counts that are multiples of i
 
 
 def group_boundaries(group_sizes: jax.Array, num_rows: int) -> jax.Array:
-    """int32 [E + 2]: b_0 = 0, b_{e+1} = min(cumsum(g)_e, M), b_{E+1} = M (group E: the rows to zero)."""
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends, jnp.full((1,), num_rows, jnp.int32)])
+    """int32 [E + 2]: b_0 = 0, b_{e+1} = min(cumsum(g)_e, M), b_{E+1} = M (group E: the rows to zero).
+
+    The group ends of grouped_pallas.group_bounds (lax.ragged_dot's clipping rule), closed by M.
+    """
+    starts, sizes = group_bounds(group_sizes, num_rows)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), starts + sizes, jnp.full((1,), num_rows, jnp.int32)])
 
 
 def _tile_of(bounds_ref, tile: jax.Array, bm: int, groups: int):
@@ -85,7 +89,7 @@ def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, ti
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk = tile
-    m, k = lhs_ref.shape
+    k = lhs_ref.shape[1]
     n = out_ref.shape[1]
     n_blocks = n // bn
 
@@ -120,17 +124,17 @@ def _kernel(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int, ti
         def _store(out_smem):
             out_smem[...] = acc.astype(out_smem.dtype)
             plgpu.commit_smem()
-            _store_rows(out_smem, out_ref, block * bm, lo, rows, pl.ds(ni * bn, bn), min(bm, m))
+            _store_rows(out_smem, out_ref, block * bm, lo, rows, pl.ds(ni * bn, bn))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _store_rows(smem, out_ref, block_row0, lo: jax.Array, rows: jax.Array, cols, max_rows: int) -> None:
+def _store_rows(smem, out_ref, block_row0, lo: jax.Array, rows: jax.Array, cols) -> None:
     """TMA-store smem rows [lo, lo + rows) to out rows block_row0 + the same, as powers of two (TMA boxes
     have static shapes: one conditional store per binary digit of `rows`)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    offset, size = lo, max_rows
+    offset, size = lo, min(smem.shape[0], out_ref.shape[0])  # rows <= the block's bm and <= M
     while size > 0:
         chunk = 1 << int(math.log2(size))
         size //= 2
@@ -154,7 +158,7 @@ def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int,
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     bm, bn, bk = tile
-    m, k = lhs_ref.shape
+    k = lhs_ref.shape[1]
     n = out_ref.shape[1]
     n_blocks = n // (2 * bn)
     itemsize = jnp.dtype(lhs_ref.dtype).itemsize
@@ -194,8 +198,8 @@ def _kernel_ws(bounds_ref, scale_ref, lhs_ref, rhs_ref, out_ref, *, groups: int,
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     out_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
                     plgpu.commit_smem()
-                    _store_rows(out_smem.at[wg], out_ref, block * bm, lo, rows,
-                                pl.ds(col0 + c * epi_n, epi_n), min(bm, m))
+                    cols = pl.ds(col0 + c * epi_n, epi_n)
+                    _store_rows(out_smem.at[wg], out_ref, block * bm, lo, rows, cols)
 
             def context(run):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
@@ -290,7 +294,6 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
         raise ValueError(f"epi_n = {epi_n} must divide bn = {bn}")
     if band is not None and (band < 1 or (n // n_tile) % band):
         raise ValueError(f"band = {band} must divide the {n // n_tile} N blocks of {n_tile} columns")
-    scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
     if m % _ROW_ALIGN:  # Mosaic GPU tiles GMEM rows by 8: pad lhs (zeros, never stored) and slice the result
         pad = _ROW_ALIGN - m % _ROW_ALIGN
         out = grouped_matmul_mosaic(
@@ -298,6 +301,7 @@ def grouped_matmul_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
             preferred_element_type=out_dtype, scale=scale, tile=tile, stages=stages,
             warp_specialized=warp_specialized, epi_n=epi_n, band=band, num_sms=num_sms, interpret=interpret)
         return out[:m]
+    scale_arr = None if scale is None else jnp.asarray(scale, jnp.float32).reshape(1)
     num_row_tiles = -(-m // bm) + groups  # see the module docstring: sum_e span_e <= ceil(M/bm) + E
     if num_sms is None:
         num_sms = jax.devices()[0].core_count if jax.default_backend() == "gpu" else NUM_SMS_H100
